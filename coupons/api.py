@@ -1,0 +1,69 @@
+"""The HTTP API: parse, call the service, answer."""
+
+from http import HTTPStatus
+
+from django.http import HttpResponse
+from rest_framework import viewsets
+from rest_framework.decorators import action
+from rest_framework.negotiation import DefaultContentNegotiation
+from rest_framework.renderers import BaseRenderer
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from coupons import services
+from coupons.errors import CouponNotFound
+from coupons.models import Coupon
+from coupons.serializers import ClaimSerializer, CouponCreateSerializer, is_possible_coupon_name
+
+
+class AlwaysJSON(DefaultContentNegotiation):
+    """Answer in JSON whatever the Accept header asks: the API speaks nothing else."""
+
+    def select_renderer(
+        self, request: Request, renderers: list[BaseRenderer], format_suffix: str | None = None
+    ) -> tuple[BaseRenderer, str]:
+        return renderers[0], renderers[0].media_type
+
+
+class CouponViewSet(viewsets.ViewSet):
+    """Create coupons, claim them, and read their state."""
+
+    lookup_field = "name"
+    # Any name without "/", percent-encoded in the path.
+    lookup_value_regex = "[^/]+"
+    content_negotiation_class = AlwaysJSON
+
+    def create(self, request: Request) -> Response:
+        serializer = CouponCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        coupon = services.create_coupon(**serializer.validated_data)
+        return Response(
+            {
+                "name": coupon.name,
+                "amount": coupon.amount,
+                "remaining_amount": coupon.remaining_amount,
+                "claimed_by": [],
+            },
+            status=HTTPStatus.CREATED,
+        )
+
+    def retrieve(self, request: Request, name: str) -> HttpResponse:
+        # The database renders the document; passing it through avoids re-parsing it.
+        details = Coupon.objects.details_json(name) if is_possible_coupon_name(name) else None
+        if details is None:
+            raise CouponNotFound()
+        return HttpResponse(details, content_type="application/json")
+
+    @action(detail=False, methods=["post"])
+    def claim(self, request: Request) -> Response:
+        serializer = ClaimSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        claim = services.claim_coupon(**serializer.validated_data)
+        return Response(
+            {
+                "coupon_name": serializer.validated_data["coupon_name"],
+                "user_id": claim.user_id,
+                "claimed_at": claim.claimed_at,
+            },
+            status=HTTPStatus.CREATED,
+        )

@@ -1,0 +1,133 @@
+"""Domain errors, and the one place where every error becomes a JSON response."""
+
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any
+
+from django.core.exceptions import PermissionDenied, RequestDataTooBig
+from django.http import Http404, HttpRequest, JsonResponse
+from rest_framework import exceptions
+from rest_framework.response import Response
+from rest_framework.views import set_rollback
+
+
+class CouponError(Exception):
+    """A rule of the product refused the request; carries its code and HTTP status."""
+
+    code = "coupon_error"
+    status = HTTPStatus.BAD_REQUEST
+    message = "The request was refused."
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.message)
+        self.message = message or self.message
+
+
+class CouponNotFound(CouponError):
+    code = "coupon_not_found"
+    status = HTTPStatus.NOT_FOUND
+    message = "No coupon has this name."
+
+
+class CouponExists(CouponError):
+    code = "coupon_exists"
+    status = HTTPStatus.CONFLICT
+    message = "A coupon with this name already exists."
+
+
+class AlreadyClaimed(CouponError):
+    code = "already_claimed"
+    status = HTTPStatus.CONFLICT
+    message = "This user has already claimed this coupon."
+
+
+class OutOfStock(CouponError):
+    code = "out_of_stock"
+    status = HTTPStatus.CONFLICT
+    message = "This coupon has no stock left."
+
+
+class AmountBelowClaimed(CouponError):
+    code = "amount_below_claimed"
+    status = HTTPStatus.CONFLICT
+    message = "The amount cannot be lower than the number of claims already made."
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    """Build the JSON body every error response shares."""
+    return {"error": {"code": code, "message": message, **extra}}
+
+
+# DRF's own exceptions, by the code we publish for them.
+_API_EXCEPTION_CODES: dict[type[exceptions.APIException], str] = {
+    exceptions.ParseError: "invalid_json",
+    exceptions.UnsupportedMediaType: "unsupported_media_type",
+    exceptions.MethodNotAllowed: "method_not_allowed",
+    exceptions.NotFound: "not_found",
+    exceptions.NotAcceptable: "not_acceptable",
+}
+
+
+def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    """Render every error raised in an API view as `{"error": {"code", "message", ...}}`."""
+    if isinstance(exc, CouponError):
+        return Response(error_body(exc.code, exc.message), status=exc.status)
+    if isinstance(exc, RequestDataTooBig):
+        return Response(
+            error_body("payload_too_large", "The request body is too large."),
+            status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+        )
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound()
+    elif isinstance(exc, PermissionDenied):
+        exc = exceptions.PermissionDenied()
+    if not isinstance(exc, exceptions.APIException):
+        return None  # A fault, not the client's: Django logs it and handler500 answers.
+
+    set_rollback()
+    if isinstance(exc, exceptions.ValidationError):
+        body = error_body("invalid", "The request body is not valid.", fields=_field_errors(exc.detail))
+    else:
+        code = _API_EXCEPTION_CODES.get(type(exc), str(exc.default_code))
+        body = error_body(code, str(exc.detail))
+    return Response(body, status=exc.status_code)
+
+
+def _field_errors(detail: Any) -> dict[str, list[str]]:
+    """Flatten DRF's validation detail to {field: [messages]}; body-level errors go under "body"."""
+    if isinstance(detail, dict):
+        return {
+            ("body" if field == "non_field_errors" else field): [str(message) for message in messages]
+            for field, messages in detail.items()
+        }
+    return {"body": [str(message) for message in detail]}
+
+
+def _json_error_view(
+    status: HTTPStatus, code: str, message: str
+) -> Callable[..., JsonResponse]:
+    def view(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+        if isinstance(exception, RequestDataTooBig):
+            return JsonResponse(
+                error_body("payload_too_large", "The request body is too large."),
+                status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            )
+        return JsonResponse(error_body(code, message), status=status)
+
+    return view
+
+
+# Django-level handlers, for requests that never reach an API view (unknown paths,
+# a disallowed Host header, a crash): JSON too, never an HTML page or a stack trace.
+bad_request = _json_error_view(HTTPStatus.BAD_REQUEST, "bad_request", "The request is not valid.")
+permission_denied = _json_error_view(HTTPStatus.FORBIDDEN, "forbidden", "Permission denied.")
+page_not_found = _json_error_view(HTTPStatus.NOT_FOUND, "not_found", "No such path.")
+
+
+def server_error(request: HttpRequest) -> JsonResponse:
+    """Answer an unexpected fault; the details go to the log, not to the client."""
+    return JsonResponse(
+        error_body("internal_error", "The server failed to handle the request."),
+        status=HTTPStatus.INTERNAL_SERVER_ERROR,
+    )
+

@@ -1,0 +1,127 @@
+"""Coupons with a limited stock, and the ledger of who claimed them."""
+
+from django.db import connections, models
+from django.db.models import F, Q
+
+
+class CouponQuerySet(models.QuerySet["Coupon"]):
+    def sold_out(self) -> "CouponQuerySet":
+        return self.filter(remaining_amount=0)
+
+    def available(self) -> "CouponQuerySet":
+        return self.filter(remaining_amount__gt=0)
+
+    def details_json(self, name: str) -> str | None:
+        """Return the public details of one coupon as a JSON document, or None.
+
+        The database renders the whole document in one statement, so the counter and
+        the list of claimants come from one snapshot even while claims commit, and a
+        coupon with 100,000 claims costs no Python object per claim.
+        """
+        coupon_table = Coupon._meta.db_table
+        claim_table = ClaimHistory._meta.db_table
+        connection = connections[self.db]
+        if connection.vendor == "postgresql":
+            sql = f"""
+                SELECT json_build_object(
+                    'name', c.name,
+                    'amount', c.amount,
+                    'remaining_amount', c.remaining_amount,
+                    'claimed_by', COALESCE(
+                        (SELECT json_agg(h.user_id ORDER BY h.id)
+                         FROM {claim_table} h WHERE h.coupon_id = c.id),
+                        '[]'::json
+                    )
+                )::text
+                FROM {coupon_table} c WHERE c.name = %s
+            """
+        else:
+            # SQLite before 3.44 has no ORDER BY inside an aggregate; it aggregates an
+            # ordered subquery in that order.
+            sql = f"""
+                SELECT json_object(
+                    'name', c.name,
+                    'amount', c.amount,
+                    'remaining_amount', c.remaining_amount,
+                    'claimed_by', (
+                        SELECT json_group_array(user_id) FROM (
+                            SELECT h.user_id FROM {claim_table} h
+                            WHERE h.coupon_id = c.id ORDER BY h.id
+                        )
+                    )
+                )
+                FROM {coupon_table} c WHERE c.name = %s
+            """
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [name])
+            row = cursor.fetchone()
+        return row[0] if row else None
+
+
+class Coupon(models.Model):
+    """A coupon with a fixed total stock; `remaining_amount` is the stock left to claim."""
+
+    name = models.CharField(max_length=255, unique=True)
+    amount = models.PositiveIntegerField(help_text="Total stock.")
+    # A stored counter, decremented in the claim's transaction: a claim costs the same
+    # whether 5 or 500,000 claims were made before it.
+    remaining_amount = models.PositiveIntegerField(help_text="Stock left to claim.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = CouponQuerySet.as_manager()
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(amount__gte=1) & Q(amount__lte=2_147_483_647),
+                name="coupon_amount_in_range",
+            ),
+            models.CheckConstraint(
+                condition=Q(remaining_amount__gte=0) & Q(remaining_amount__lte=F("amount")),
+                name="coupon_remaining_within_amount",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def claimed_count(self) -> int:
+        # Exact because every claim and revocation moves the counter in the same transaction.
+        return self.amount - self.remaining_amount
+
+    @property
+    def is_sold_out(self) -> bool:
+        return self.remaining_amount == 0
+
+
+class ClaimHistory(models.Model):
+    """One successful claim: a user holds one unit of a coupon."""
+
+    coupon = models.ForeignKey(
+        Coupon,
+        on_delete=models.CASCADE,
+        related_name="claims",
+        # The unique (coupon, user_id) index starts with coupon_id and serves the join.
+        db_index=False,
+    )
+    user_id = models.CharField(max_length=255)
+    claimed_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "claim"
+        verbose_name_plural = "claims"
+        constraints = [
+            # Backs the one-claim-per-user rule even if application code were wrong.
+            models.UniqueConstraint(fields=["coupon", "user_id"], name="claim_one_per_user"),
+        ]
+        indexes = [
+            # The claimed_by listing, in claim order.
+            models.Index(fields=["coupon", "id"], name="claim_coupon_order_idx"),
+            # The admin's search by user across coupons.
+            models.Index(fields=["user_id"], name="claim_user_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} → {self.coupon}"

@@ -1,0 +1,22 @@
+"""URL routes: the API under /api/, the operators' admin under /admin/."""
+
+from django.contrib import admin
+from django.urls import include, path
+from rest_framework.routers import SimpleRouter
+
+from coupons.api import CouponViewSet
+
+router = SimpleRouter()
+# Every API path answers with or without a trailing slash (no redirect for a POST to lose).
+router.trailing_slash = "/?"
+router.register("coupons", CouponViewSet, basename="coupon")
+
+urlpatterns = [
+    path("api/", include(router.urls)),
+    path("admin/", admin.site.urls),
+]
+
+handler400 = "coupons.errors.bad_request"
+handler403 = "coupons.errors.permission_denied"
+handler404 = "coupons.errors.page_not_found"
+handler500 = "coupons.errors.server_error"
