@@ -1,14 +1,18 @@
 """Domain errors, and the one place where every error becomes a JSON response."""
 
+import logging
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
+from django.db import OperationalError
 from django.http import Http404, HttpRequest, JsonResponse
 from rest_framework import exceptions
 from rest_framework.response import Response
 from rest_framework.views import set_rollback
+
+logger = logging.getLogger(__name__)
 
 
 class CouponError(Exception):
@@ -76,6 +80,16 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
         return Response(
             error_body("payload_too_large", "The request body is too large."),
             status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+        )
+    if isinstance(exc, OperationalError):
+        # The database is unreachable, restarting or timed out on a lock. A claim either
+        # committed whole or not at all, so a retry is safe: one that did commit is
+        # answered already_claimed.
+        logger.error("Database unavailable: %s", exc, exc_info=exc)
+        return Response(
+            error_body("service_unavailable", "The database is unavailable; retry shortly."),
+            status=HTTPStatus.SERVICE_UNAVAILABLE,
+            headers={"Retry-After": "1"},
         )
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()

@@ -1,0 +1,180 @@
+"""Real gunicorn servers and real concurrent HTTP clients, for the end-to-end tests."""
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Response:
+    status: int
+    body: Any
+
+
+@dataclass
+class LiveServer:
+    host: str
+    port: int
+    process: subprocess.Popen[bytes] = field(repr=False)
+
+    def request(self, method: str, path: str, body: Any = None) -> Response:
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=60)
+        try:
+            return send(connection, method, path, body)
+        finally:
+            connection.close()
+
+    def create_coupon(self, name: str, amount: int) -> None:
+        response = self.request("POST", "/api/coupons", {"name": name, "amount": amount})
+        assert response.status == 201, response
+
+    def details(self, name: str) -> dict[str, Any]:
+        response = self.request("GET", f"/api/coupons/{quote(name, safe='')}")
+        assert response.status == 200, response
+        body: dict[str, Any] = response.body
+        return body
+
+    def worker_pids(self) -> list[int]:
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        return [int(pid) for pid in children.read_text().split()]
+
+
+def send(connection: http.client.HTTPConnection, method: str, path: str, body: Any) -> Response:
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    payload = json.dumps(body) if body is not None else None
+    connection.request(method, path, body=payload, headers=headers)
+    reply = connection.getresponse()
+    raw = reply.read()
+    return Response(reply.status, json.loads(raw) if raw else None)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def migrate(environment: dict[str, str]) -> None:
+    """Create the schema in the database the environment points at."""
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
+        cwd=PROJECT_DIR,
+        env=environment,
+        check=True,
+    )
+
+
+@contextmanager
+def gunicorn(
+    environment: dict[str, str], *, workers: int = 3, application: str | None = None
+) -> Iterator[LiveServer]:
+    """Run gunicorn with the project's config on a free loopback port; stop it on exit."""
+    port = free_port()
+    command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
+    if application:
+        command.append(application)
+    process = subprocess.Popen(
+        command,
+        cwd=PROJECT_DIR,
+        env={**environment, "HOST": "127.0.0.1", "PORT": str(port), "WEB_CONCURRENCY": str(workers)},
+        stdout=subprocess.DEVNULL,
+    )
+    server = LiveServer("127.0.0.1", port, process)
+    try:
+        _wait_until_serving(server)
+        yield server
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_until_serving(server: LiveServer, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with code {server.process.returncode}")
+        try:
+            if server.request("GET", "/api/coupons/readiness-probe").status == 404:
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"gunicorn did not answer on port {server.port} within {timeout} s")
+
+
+def environment_for(database_url: str | None, sqlite_path: Path | None = None) -> dict[str, str]:
+    """The environment of a server process: PostgreSQL at database_url, or a SQLite file."""
+    environment = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
+    environment["SECRET_KEY"] = "test-secret-key"
+    if database_url:
+        environment["DATABASE_URL"] = database_url
+    if sqlite_path:
+        environment["SQLITE_PATH"] = str(sqlite_path)
+    return environment
+
+
+def concurrently(
+    servers: Sequence[LiveServer], requests: Sequence[tuple[str, str, Any]]
+) -> list[Response]:
+    """Send every request at once, each on its own connection, spread across the servers.
+
+    Every thread connects first and waits at a barrier, so the requests leave together.
+    A request whose connection breaks is answered with status 0.
+    """
+    barrier = threading.Barrier(len(requests))
+    responses: list[Response] = [Response(0, None)] * len(requests)
+
+    def run(index: int, method: str, path: str, body: Any) -> None:
+        server = servers[index % len(servers)]
+        connection = http.client.HTTPConnection(server.host, server.port, timeout=120)
+        try:
+            connection.connect()
+            barrier.wait(timeout=60)
+            responses[index] = send(connection, method, path, body)
+        except (OSError, http.client.HTTPException):
+            responses[index] = Response(0, None)
+        finally:
+            connection.close()
+
+    threads = [
+        threading.Thread(target=run, args=(index, *request))
+        for index, request in enumerate(requests)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    return responses
+
+
+def claim_request(user_id: str, coupon_name: str) -> tuple[str, str, Any]:
+    return ("POST", "/api/coupons/claim", {"user_id": user_id, "coupon_name": coupon_name})
+
+
+def status_counts(responses: Sequence[Response]) -> Counter[int]:
+    return Counter(response.status for response in responses)
+
+
+def error_codes(responses: Sequence[Response]) -> Counter[str]:
+    return Counter(
+        response.body["error"]["code"] for response in responses if response.status >= 400
+    )
