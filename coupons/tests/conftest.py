@@ -1,10 +1,7 @@
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
-import psycopg
 import pytest
 from rest_framework.test import APIClient
 
@@ -21,23 +18,13 @@ def unique_name() -> str:
     return f"PROMO_{uuid.uuid4().hex[:10]}"
 
 
-def _with_database(url: str, database: str) -> str:
-    return urlsplit(url)._replace(path=f"/{database}").geturl()
-
-
 @pytest.fixture(scope="session")
 def postgres_environment() -> Iterator[dict[str, str]]:
     """A database of its own, migrated, for servers running in other processes."""
-    server_url = os.environ["DATABASE_URL"]
-    database = f"coupons_live_{os.getpid()}"
-    with psycopg.connect(_with_database(server_url, "postgres"), autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{database}"')
-        admin.execute(f'CREATE DATABASE "{database}"')
-    environment = live.environment_for(_with_database(server_url, database))
-    live.migrate(environment)
-    yield environment
-    with psycopg.connect(_with_database(server_url, "postgres"), autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    with live.postgres_database("coupons_live") as database_url:
+        environment = live.environment_for(database_url)
+        live.migrate(environment)
+        yield environment
 
 
 @pytest.fixture(scope="session")

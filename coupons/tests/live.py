@@ -9,13 +9,16 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
+
+import psycopg
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 
@@ -82,7 +85,11 @@ def migrate(environment: dict[str, str]) -> None:
 
 @contextmanager
 def gunicorn(
-    environment: dict[str, str], *, workers: int = 3, application: str | None = None
+    environment: dict[str, str],
+    *,
+    workers: int = 3,
+    application: str | None = None,
+    ready_status: int = 404,
 ) -> Iterator[LiveServer]:
     """Run gunicorn with the project's config on a free loopback port; stop it on exit."""
     port = free_port()
@@ -97,7 +104,7 @@ def gunicorn(
     )
     server = LiveServer("127.0.0.1", port, process)
     try:
-        _wait_until_serving(server)
+        wait_until_serving(server, ready_status=ready_status)
         yield server
     finally:
         process.send_signal(signal.SIGTERM)
@@ -108,17 +115,34 @@ def gunicorn(
             process.wait()
 
 
-def _wait_until_serving(server: LiveServer, timeout: float = 30) -> None:
+def wait_until_serving(server: LiveServer, *, timeout: float = 30, ready_status: int = 404) -> None:
+    """Wait until the server answers a probe for an unknown coupon with ready_status."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             raise RuntimeError(f"gunicorn exited with code {server.process.returncode}")
         try:
-            if server.request("GET", "/api/coupons/readiness-probe").status == 404:
+            if server.request("GET", "/api/coupons/readiness-probe").status == ready_status:
                 return
         except OSError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.1)
     raise RuntimeError(f"gunicorn did not answer on port {server.port} within {timeout} s")
+
+
+@contextmanager
+def postgres_database(prefix: str) -> Iterator[str]:
+    """Create an empty database on the suite's PostgreSQL server; yield its URL; drop it."""
+    server_url = urlsplit(os.environ["DATABASE_URL"])
+    maintenance_url = server_url._replace(path="/postgres").geturl()
+    database = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(maintenance_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{database}"')
+    try:
+        yield server_url._replace(path=f"/{database}").geturl()
+    finally:
+        with psycopg.connect(maintenance_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
 def environment_for(database_url: str | None, sqlite_path: Path | None = None) -> dict[str, str]:

@@ -1,0 +1,134 @@
+"""The operators' admin: a view over the same tables, writing only through the services."""
+
+import pytest
+from django.test import Client
+
+from coupons import services
+from coupons.models import ClaimHistory, Coupon
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def sold_out_coupon() -> Coupon:
+    coupon = services.create_coupon(name="SOLD", amount=2)
+    services.claim_coupon(coupon_name="SOLD", user_id="alice")
+    services.claim_coupon(coupon_name="SOLD", user_id="bob")
+    services.create_coupon(name="FRESH", amount=3)
+    coupon.refresh_from_db()
+    return coupon
+
+
+def test_coupon_list_shows_stock_claims_and_sold_out_state(
+    admin_client: Client, sold_out_coupon: Coupon
+) -> None:
+    response = admin_client.get("/admin/coupons/coupon/")
+
+    assert response.status_code == 200
+    rows = {coupon.name: coupon for coupon in response.context["cl"].result_list}
+    assert set(rows) == {"SOLD", "FRESH"}
+    page = response.content.decode()
+    for heading in ["Amount", "Remaining amount", "Claimed", "Sold out"]:
+        assert heading in page
+
+
+@pytest.mark.parametrize(
+    ("query", "names"),
+    [("stock=sold_out", {"SOLD"}), ("stock=available", {"FRESH"}), ("q=FRE", {"FRESH"})],
+)
+def test_coupon_list_filters_and_searches(
+    admin_client: Client, sold_out_coupon: Coupon, query: str, names: set[str]
+) -> None:
+    response = admin_client.get(f"/admin/coupons/coupon/?{query}")
+
+    assert {coupon.name for coupon in response.context["cl"].result_list} == names
+
+
+def test_adding_a_coupon_in_the_admin_gives_it_its_whole_stock(admin_client: Client) -> None:
+    response = admin_client.post("/admin/coupons/coupon/add/", {"name": "NEW", "amount": "40"})
+
+    assert response.status_code == 302
+    coupon = Coupon.objects.get(name="NEW")
+    assert (coupon.amount, coupon.remaining_amount) == (40, 40)
+
+
+def test_raising_the_amount_in_the_admin_keeps_the_invariant(
+    admin_client: Client, sold_out_coupon: Coupon
+) -> None:
+    response = admin_client.post(
+        f"/admin/coupons/coupon/{sold_out_coupon.pk}/change/", {"amount": "5"}
+    )
+
+    assert response.status_code == 302
+    sold_out_coupon.refresh_from_db()
+    assert (sold_out_coupon.amount, sold_out_coupon.remaining_amount) == (5, 3)
+    assert sold_out_coupon.name == "SOLD"
+
+
+def test_lowering_the_amount_below_the_claims_is_refused_in_the_admin(
+    admin_client: Client, sold_out_coupon: Coupon
+) -> None:
+    response = admin_client.post(
+        f"/admin/coupons/coupon/{sold_out_coupon.pk}/change/", {"amount": "1"}
+    )
+
+    assert response.status_code == 200
+    assert "Cannot be lower than the 2 claims already made." in response.content.decode()
+    sold_out_coupon.refresh_from_db()
+    assert (sold_out_coupon.amount, sold_out_coupon.remaining_amount) == (2, 0)
+
+
+def test_the_name_cannot_be_changed_once_created(
+    admin_client: Client, sold_out_coupon: Coupon
+) -> None:
+    admin_client.post(
+        f"/admin/coupons/coupon/{sold_out_coupon.pk}/change/", {"name": "RENAMED", "amount": "2"}
+    )
+
+    sold_out_coupon.refresh_from_db()
+    assert sold_out_coupon.name == "SOLD"
+
+
+def test_claims_ledger_is_searchable_by_user_and_filterable_by_coupon(
+    admin_client: Client, sold_out_coupon: Coupon
+) -> None:
+    services.claim_coupon(coupon_name="FRESH", user_id="alice")
+
+    by_user = admin_client.get("/admin/coupons/claimhistory/?q=alice")
+    by_coupon = admin_client.get(f"/admin/coupons/claimhistory/?coupon__id__exact={sold_out_coupon.pk}")
+
+    assert [(c.coupon.name, c.user_id) for c in by_user.context["cl"].result_list] == [
+        ("FRESH", "alice"),
+        ("SOLD", "alice"),
+    ]
+    assert {c.user_id for c in by_coupon.context["cl"].result_list} == {"alice", "bob"}
+
+
+def test_claims_cannot_be_added_or_edited_in_the_admin(
+    admin_client: Client, sold_out_coupon: Coupon
+) -> None:
+    claim = ClaimHistory.objects.get(user_id="alice")
+
+    assert admin_client.get("/admin/coupons/claimhistory/add/").status_code == 403
+    response = admin_client.post(
+        f"/admin/coupons/claimhistory/{claim.pk}/change/", {"user_id": "mallory"}
+    )
+    assert response.status_code == 403
+    claim.refresh_from_db()
+    assert claim.user_id == "alice"
+
+
+def test_deleting_claims_in_the_admin_revokes_them_and_restores_stock(
+    admin_client: Client, sold_out_coupon: Coupon
+) -> None:
+    claims = list(ClaimHistory.objects.values_list("pk", flat=True))
+
+    response = admin_client.post(
+        "/admin/coupons/claimhistory/",
+        {"action": "delete_selected", "_selected_action": claims, "post": "yes"},
+    )
+
+    assert response.status_code == 302
+    sold_out_coupon.refresh_from_db()
+    assert sold_out_coupon.remaining_amount == 2
+    assert not ClaimHistory.objects.exists()

@@ -1,0 +1,110 @@
+"""The operators' commands: seed_coupons and audit_coupons."""
+
+import json
+from pathlib import Path
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from coupons import services
+from coupons.models import Coupon
+
+pytestmark = pytest.mark.django_db
+
+
+def stock() -> dict[str, tuple[int, int]]:
+    return {c.name: (c.amount, c.remaining_amount) for c in Coupon.objects.all()}
+
+
+def test_seed_creates_coupons_from_arguments_and_is_safe_to_rerun(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    call_command("seed_coupons", "PROMO_SUPER:100", "TIME:10:30:5")
+    first = capsys.readouterr().out
+    call_command("seed_coupons", "PROMO_SUPER:999")
+    second = capsys.readouterr().out
+
+    assert stock() == {"PROMO_SUPER": (100, 100), "TIME:10:30": (5, 5)}
+    assert "created PROMO_SUPER" in first and "2 created, 0 skipped" in first
+    assert "skipped PROMO_SUPER" in second and "0 created, 1 skipped" in second
+
+
+def test_seed_reads_a_json_file(tmp_path: Path) -> None:
+    path = tmp_path / "coupons.json"
+    path.write_text(json.dumps([{"name": "A", "amount": 1}, {"name": "B券", "amount": 2}]))
+
+    call_command("seed_coupons", "--file", str(path))
+
+    assert stock() == {"A": (1, 1), "B券": (2, 2)}
+
+
+def test_seed_reads_a_csv_file(tmp_path: Path) -> None:
+    path = tmp_path / "coupons.csv"
+    path.write_text('name,amount\nA,1\n"Sale, big",20\n', encoding="utf-8")
+
+    call_command("seed_coupons", "--file", str(path))
+
+    assert stock() == {"A": (1, 1), "Sale, big": (20, 20)}
+
+
+@pytest.mark.parametrize(
+    ("content", "suffix"),
+    [
+        ('[{"name": "OK", "amount": 1}, {"name": "BAD", "amount": "5"}]', ".json"),
+        ('[{"name": "OK", "amount": 1}, {"name": "a/b", "amount": 5}]', ".json"),
+        ('[{"name": "OK", "amount": 1, "remaining_amount": 0}]', ".json"),
+        ('{"name": "OK"}', ".json"),
+        ("not json", ".json"),
+        ("name,amount\nOK,1\nBAD,many\n", ".csv"),
+        ("name,amount\nOK,0\n", ".csv"),
+    ],
+)
+def test_seed_refuses_an_invalid_file_and_creates_nothing(
+    tmp_path: Path, content: str, suffix: str
+) -> None:
+    path = tmp_path / f"coupons{suffix}"
+    path.write_text(content)
+
+    with pytest.raises(CommandError):
+        call_command("seed_coupons", "--file", str(path))
+    assert not Coupon.objects.exists()
+
+
+@pytest.mark.parametrize("argument", ["NOAMOUNT", "X:", "X:-1", "X:ten", ":5"])
+def test_seed_refuses_a_malformed_argument(argument: str) -> None:
+    with pytest.raises(CommandError):
+        call_command("seed_coupons", argument)
+    assert not Coupon.objects.exists()
+
+
+def test_seed_without_coupons_says_how_to_give_them() -> None:
+    with pytest.raises(CommandError, match="NAME:AMOUNT"):
+        call_command("seed_coupons")
+
+
+def test_audit_passes_when_every_counter_matches_its_claims(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    services.create_coupon(name="A", amount=3)
+    services.create_coupon(name="B", amount=1)
+    services.claim_coupon(coupon_name="A", user_id="u")
+    services.claim_coupon(coupon_name="B", user_id="u")
+
+    call_command("audit_coupons")
+
+    assert "All 2 coupons are consistent." in capsys.readouterr().out
+
+
+def test_audit_fails_and_names_a_coupon_whose_counter_drifted(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    services.create_coupon(name="GOOD", amount=3)
+    services.create_coupon(name="DRIFTED", amount=3)
+    services.claim_coupon(coupon_name="DRIFTED", user_id="u")
+    Coupon.objects.filter(name="DRIFTED").update(remaining_amount=3)  # Bypasses the service.
+
+    with pytest.raises(CommandError, match="1 of 2 coupons"):
+        call_command("audit_coupons")
+    report = capsys.readouterr().err
+    assert "DRIFTED" in report and "expected remaining 2" in report
+    assert "GOOD" not in report

@@ -1,0 +1,109 @@
+"""Keeps docker-compose.yml, the Dockerfile and the README honest where Docker cannot run."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from coupons.tests import live
+
+ROOT = live.PROJECT_DIR
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return document
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> str:
+    return (ROOT / "Dockerfile").read_text()
+
+
+def dockerfile_command(dockerfile: str) -> list[str]:
+    match = re.search(r"^CMD (\[.*\])$", dockerfile, re.M)
+    assert match, "the Dockerfile has no CMD in JSON form"
+    command: list[str] = json.loads(match.group(1))
+    return command
+
+
+def test_compose_starts_postgres_before_the_app_on_port_8080(compose: dict[str, Any]) -> None:
+    database, app = compose["services"]["db"], compose["services"]["app"]
+
+    assert database["image"].startswith("postgres:")
+    assert "pg_isready" in " ".join(database["healthcheck"]["test"])
+    assert app["depends_on"]["db"]["condition"] == "service_healthy"
+    assert app["build"] == "."
+    assert "8080:8080" in app["ports"]
+
+
+def test_compose_points_the_app_at_its_own_postgres(compose: dict[str, Any]) -> None:
+    database_env = compose["services"]["db"]["environment"]
+    url = urlsplit(compose["services"]["app"]["environment"]["DATABASE_URL"])
+
+    assert url.scheme == "postgres"
+    assert (url.hostname, url.port) == ("db", 5432)
+    assert url.username == database_env["POSTGRES_USER"]
+    assert url.password == database_env["POSTGRES_PASSWORD"]
+    assert url.path == f"/{database_env['POSTGRES_DB']}"
+
+
+def test_the_image_installs_the_pinned_requirements_and_listens_on_8080(dockerfile: str) -> None:
+    assert re.search(r"^FROM python:3\.11", dockerfile, re.M)
+    assert "pip install -r requirements.txt" in dockerfile
+    assert re.search(r"HOST=0\.0\.0\.0", dockerfile)
+    assert re.search(r"PORT=8080", dockerfile)
+    assert "EXPOSE 8080" in dockerfile
+
+
+def test_the_image_command_migrates_and_serves_the_api(
+    compose: dict[str, Any], dockerfile: str
+) -> None:
+    """Run the image's CMD here, with the compose file's environment and our PostgreSQL."""
+    compose_environment = {
+        key: str(value) for key, value in compose["services"]["app"]["environment"].items()
+    }
+    with live.postgres_database("coupons_image") as database_url:
+        environment = {
+            **os.environ,
+            **{key: value for key, value in compose_environment.items() if "${" not in value},
+            "DATABASE_URL": database_url,  # The compose file's, with our server for "db".
+            "HOST": "127.0.0.1",
+            "PORT": str(live.free_port()),
+            "WEB_CONCURRENCY": "2",
+            "SECRET_KEY": "image-test",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        }
+        process = subprocess.Popen(dockerfile_command(dockerfile), cwd=ROOT, env=environment)
+        server = live.LiveServer("127.0.0.1", int(environment["PORT"]), process)
+        try:
+            live.wait_until_serving(server, timeout=60)
+            server.create_coupon("IMAGE", 1)
+            claim = {"user_id": "u", "coupon_name": "IMAGE"}
+            assert server.request("POST", "/api/coupons/claim", claim).status == 201
+            assert server.details("IMAGE")["claimed_by"] == ["u"]
+        finally:
+            process.terminate()
+            process.wait(timeout=15)
+
+
+def environment_variables_read_by_the_service() -> set[str]:
+    sources = [ROOT / "couponsite" / "settings.py", ROOT / "gunicorn.conf.py"]
+    pattern = re.compile(r"""(?:environ\.get\(|environ\[|env_bool\(|env_list\()\s*["']([A-Z_]+)["']""")
+    return {name for source in sources for name in pattern.findall(source.read_text())}
+
+
+def test_the_readme_documents_every_environment_variable() -> None:
+    readme = (ROOT / "README.md").read_text()
+    variables = environment_variables_read_by_the_service()
+
+    assert {"DATABASE_URL", "SECRET_KEY", "PORT", "WEB_CONCURRENCY"} <= variables
+    assert sorted(name for name in variables if f"`{name}`" not in readme) == []

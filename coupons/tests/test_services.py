@@ -1,0 +1,192 @@
+"""The write paths, called directly: rules, database constraints, and real threads on PostgreSQL."""
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from django.db import IntegrityError, connection, transaction
+
+from coupons import services
+from coupons.errors import AlreadyClaimed, AmountBelowClaimed, CouponExists, CouponNotFound, OutOfStock
+from coupons.models import ClaimHistory, Coupon
+
+
+def claimants(coupon: Coupon) -> list[str]:
+    return list(coupon.claims.order_by("id").values_list("user_id", flat=True))
+
+
+@pytest.mark.django_db
+class TestRules:
+    def test_create_coupon_starts_with_the_whole_stock(self) -> None:
+        coupon = services.create_coupon(name="PROMO", amount=7)
+        assert (coupon.amount, coupon.remaining_amount, coupon.claimed_count) == (7, 7, 0)
+
+    def test_create_coupon_twice_raises_coupon_exists(self) -> None:
+        services.create_coupon(name="PROMO", amount=7)
+        with pytest.raises(CouponExists):
+            services.create_coupon(name="PROMO", amount=9)
+        assert Coupon.objects.get().amount == 7
+
+    def test_claim_checks_come_in_the_contract_order(self) -> None:
+        services.create_coupon(name="PROMO", amount=1)
+        with pytest.raises(CouponNotFound):
+            services.claim_coupon(coupon_name="OTHER", user_id="u")
+        services.claim_coupon(coupon_name="PROMO", user_id="u")
+        with pytest.raises(AlreadyClaimed):
+            services.claim_coupon(coupon_name="PROMO", user_id="u")
+        with pytest.raises(OutOfStock):
+            services.claim_coupon(coupon_name="PROMO", user_id="v")
+
+    def test_raising_the_amount_adds_stock_and_keeps_claims(self) -> None:
+        coupon = services.create_coupon(name="PROMO", amount=2)
+        services.claim_coupon(coupon_name="PROMO", user_id="a")
+        services.claim_coupon(coupon_name="PROMO", user_id="b")
+
+        changed = services.change_coupon_amount(coupon_id=coupon.pk, amount=5)
+
+        assert (changed.amount, changed.remaining_amount) == (5, 3)
+        services.claim_coupon(coupon_name="PROMO", user_id="c")
+        coupon.refresh_from_db()
+        assert (coupon.remaining_amount, claimants(coupon)) == (2, ["a", "b", "c"])
+
+    def test_lowering_the_amount_below_the_claims_is_refused(self) -> None:
+        coupon = services.create_coupon(name="PROMO", amount=5)
+        for user_id in ["a", "b", "c"]:
+            services.claim_coupon(coupon_name="PROMO", user_id=user_id)
+
+        with pytest.raises(AmountBelowClaimed):
+            services.change_coupon_amount(coupon_id=coupon.pk, amount=2)
+        lowered = services.change_coupon_amount(coupon_id=coupon.pk, amount=3)
+
+        assert (lowered.amount, lowered.remaining_amount) == (3, 0)
+
+    def test_revoking_a_claim_returns_its_unit_once(self) -> None:
+        coupon = services.create_coupon(name="PROMO", amount=1)
+        claim = services.claim_coupon(coupon_name="PROMO", user_id="a")
+
+        assert services.revoke_claim(claim_id=claim.pk) is True
+        assert services.revoke_claim(claim_id=claim.pk) is False
+
+        coupon.refresh_from_db()
+        assert (coupon.remaining_amount, claimants(coupon)) == (1, [])
+        services.claim_coupon(coupon_name="PROMO", user_id="a")
+
+
+@pytest.mark.django_db
+class TestDatabaseConstraints:
+    """The invariants hold in the database even if application code were wrong."""
+
+    def test_a_second_claim_row_for_the_same_user_is_refused(self) -> None:
+        coupon = services.create_coupon(name="PROMO", amount=5)
+        ClaimHistory.objects.create(coupon=coupon, user_id="u")
+        with pytest.raises(IntegrityError), transaction.atomic():
+            ClaimHistory.objects.create(coupon=coupon, user_id="u")
+
+    @pytest.mark.parametrize("remaining_amount", [-1, 6])
+    def test_the_stock_cannot_leave_zero_to_amount(self, remaining_amount: int) -> None:
+        coupon = services.create_coupon(name="PROMO", amount=5)
+        with pytest.raises(IntegrityError), transaction.atomic():
+            Coupon.objects.filter(pk=coupon.pk).update(remaining_amount=remaining_amount)
+
+
+def in_threads(count: int, action: Callable[[int], None]) -> list[BaseException | None]:
+    """Run action(index) in count threads started together; return what each raised."""
+    barrier = threading.Barrier(count)
+    outcomes: list[BaseException | None] = [None] * count
+
+    def run(index: int) -> None:
+        try:
+            barrier.wait()
+            action(index)
+        except BaseException as error:  # noqa: BLE001 - the outcome is the test's to judge
+            outcomes[index] = error
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
+@pytest.mark.django_db(transaction=True)
+class TestConcurrentServiceCalls:
+    """Threads, each with its own PostgreSQL connection, racing through the service."""
+
+    def test_concurrent_claims_never_exceed_the_stock(self) -> None:
+        coupon = services.create_coupon(name="PROMO", amount=5)
+
+        outcomes = in_threads(
+            40, lambda index: services.claim_coupon(coupon_name="PROMO", user_id=f"u{index}")
+        )
+
+        assert outcomes.count(None) == 5
+        assert all(isinstance(outcome, OutOfStock) for outcome in outcomes if outcome)
+        coupon.refresh_from_db()
+        assert coupon.remaining_amount == 0
+        assert len(claimants(coupon)) == 5
+
+    def test_concurrent_claims_by_one_user_give_one_unit(self) -> None:
+        coupon = services.create_coupon(name="PROMO", amount=10)
+
+        outcomes = in_threads(
+            10, lambda index: services.claim_coupon(coupon_name="PROMO", user_id="same")
+        )
+
+        assert outcomes.count(None) == 1
+        assert all(isinstance(outcome, AlreadyClaimed) for outcome in outcomes if outcome)
+        coupon.refresh_from_db()
+        assert (coupon.remaining_amount, claimants(coupon)) == (9, ["same"])
+
+    def test_amount_changes_and_revocations_racing_claims_keep_the_invariant(self) -> None:
+        coupon = services.create_coupon(name="PROMO", amount=10)
+        early = [services.claim_coupon(coupon_name="PROMO", user_id=f"early{i}") for i in range(5)]
+
+        def act(index: int) -> None:
+            if index < 5:
+                services.revoke_claim(claim_id=early[index].pk)
+            elif index < 10:
+                try:
+                    services.change_coupon_amount(coupon_id=coupon.pk, amount=10 + index)
+                except AmountBelowClaimed:
+                    pass
+            else:
+                try:
+                    services.claim_coupon(coupon_name="PROMO", user_id=f"late{index}")
+                except OutOfStock:
+                    pass
+
+        outcomes = in_threads(40, act)
+
+        assert outcomes == [None] * 40
+        coupon.refresh_from_db()
+        assert coupon.remaining_amount == coupon.amount - coupon.claims.count()
+        assert 0 <= coupon.remaining_amount <= coupon.amount
+
+    def test_a_rival_claim_landing_after_the_lock_free_check_ends_as_already_claimed(
+        self,
+    ) -> None:
+        coupon = services.create_coupon(name="PROMO", amount=5)
+        create_claim = ClaimHistory.objects.create
+        rivals: list[BaseException | None] = []
+
+        def rival_commits_first(**fields: Any) -> ClaimHistory:
+            # The same user's other request commits between this one's check and insert.
+            if not rivals:
+                rivals.append(None)
+                rivals[:] = in_threads(
+                    1, lambda _: services.claim_coupon(coupon_name="PROMO", user_id="u")
+                )
+            return create_claim(**fields)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(ClaimHistory.objects, "create", rival_commits_first)
+            with pytest.raises(AlreadyClaimed):
+                services.claim_coupon(coupon_name="PROMO", user_id="u")
+
+        assert rivals == [None]
+        coupon.refresh_from_db()
+        assert (coupon.remaining_amount, claimants(coupon)) == (4, ["u"])
