@@ -4,7 +4,13 @@ from django.db import IntegrityError, transaction
 from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
-from coupons.errors import AlreadyClaimed, AmountBelowClaimed, CouponExists, CouponNotFound, OutOfStock
+from coupons.errors import (
+    AlreadyClaimed,
+    AmountBelowClaimed,
+    CouponExists,
+    CouponNotFound,
+    OutOfStock,
+)
 from coupons.models import ClaimHistory, Coupon
 
 
@@ -47,18 +53,19 @@ def claim_coupon(*, coupon_name: str, user_id: str) -> ClaimHistory:
 
     try:
         with transaction.atomic():
-            # Insert before taking the lock: the unique (coupon, user_id) index settles a
-            # double dip by itself, and the row lock below is then held for one UPDATE and
-            # the COMMIT only.
-            claim = ClaimHistory.objects.create(coupon_id=coupon_id, user_id=user_id)
             # Lock the coupon's row so concurrent claims take its stock one at a time, and
             # re-read the counter under the lock: the value read above may already be stale.
-            # NO KEY: this lock does not block other claims' foreign-key checks on the row.
+            # NO KEY: the row's key is not changed, so foreign-key checks need not wait.
             remaining_amount = (
                 Coupon.objects.select_for_update(no_key=True)
                 .values_list("remaining_amount", flat=True)
                 .get(pk=coupon_id)
             )
+            # Inserted under the lock, so claim ids follow commit order and claimed_by
+            # only ever grows at its end. The unique (coupon, user_id) index refuses a
+            # second claim by the same user before the stock is looked at, keeping the
+            # contract's order of checks.
+            claim = ClaimHistory.objects.create(coupon_id=coupon_id, user_id=user_id)
             if remaining_amount == 0:
                 raise OutOfStock()  # Rolls back the claim inserted above.
             Coupon.objects.filter(pk=coupon_id).update(

@@ -1,5 +1,6 @@
 """The write paths, called directly: rules, database constraints, and real threads on PostgreSQL."""
 
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -8,7 +9,13 @@ import pytest
 from django.db import IntegrityError, connection, transaction
 
 from coupons import services
-from coupons.errors import AlreadyClaimed, AmountBelowClaimed, CouponExists, CouponNotFound, OutOfStock
+from coupons.errors import (
+    AlreadyClaimed,
+    AmountBelowClaimed,
+    CouponExists,
+    CouponNotFound,
+    OutOfStock,
+)
 from coupons.models import ClaimHistory, Coupon
 
 
@@ -90,7 +97,7 @@ class TestDatabaseConstraints:
             Coupon.objects.filter(pk=coupon.pk).update(remaining_amount=remaining_amount)
 
 
-def in_threads(count: int, action: Callable[[int], None]) -> list[BaseException | None]:
+def in_threads(count: int, action: Callable[[int], object]) -> list[BaseException | None]:
     """Run action(index) in count threads started together; return what each raised."""
     barrier = threading.Barrier(count)
     outcomes: list[BaseException | None] = [None] * count
@@ -149,15 +156,11 @@ class TestConcurrentServiceCalls:
             if index < 5:
                 services.revoke_claim(claim_id=early[index].pk)
             elif index < 10:
-                try:
+                with contextlib.suppress(AmountBelowClaimed):
                     services.change_coupon_amount(coupon_id=coupon.pk, amount=10 + index)
-                except AmountBelowClaimed:
-                    pass
             else:
-                try:
+                with contextlib.suppress(OutOfStock):
                     services.claim_coupon(coupon_name="PROMO", user_id=f"late{index}")
-                except OutOfStock:
-                    pass
 
         outcomes = in_threads(40, act)
 
@@ -169,24 +172,25 @@ class TestConcurrentServiceCalls:
     def test_a_rival_claim_landing_after_the_lock_free_check_ends_as_already_claimed(
         self,
     ) -> None:
-        coupon = services.create_coupon(name="PROMO", amount=5)
-        create_claim = ClaimHistory.objects.create
+        coupon = services.create_coupon(name="PROMO", amount=1)
+        lock_coupon = Coupon.objects.select_for_update
         rivals: list[BaseException | None] = []
 
-        def rival_commits_first(**fields: Any) -> ClaimHistory:
-            # The same user's other request commits between this one's check and insert.
+        def rival_commits_first(**options: Any) -> Any:
+            # The same user's other request takes the last unit between this one's
+            # lock-free check and its lock.
             if not rivals:
                 rivals.append(None)
                 rivals[:] = in_threads(
                     1, lambda _: services.claim_coupon(coupon_name="PROMO", user_id="u")
                 )
-            return create_claim(**fields)
+            return lock_coupon(**options)
 
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(ClaimHistory.objects, "create", rival_commits_first)
+            patch.setattr(Coupon.objects, "select_for_update", rival_commits_first)
             with pytest.raises(AlreadyClaimed):
                 services.claim_coupon(coupon_name="PROMO", user_id="u")
 
         assert rivals == [None]
         coupon.refresh_from_db()
-        assert (coupon.remaining_amount, claimants(coupon)) == (4, ["u"])
+        assert (coupon.remaining_amount, claimants(coupon)) == (0, ["u"])
