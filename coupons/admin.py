@@ -26,7 +26,7 @@ class SoldOutFilter(admin.SimpleListFilter):
         return queryset
 
 
-class CouponAdminForm(forms.ModelForm):
+class CouponAdminForm(forms.ModelForm[Coupon]):
     class Meta:
         model = Coupon
         fields = ["name", "amount"]
@@ -42,7 +42,7 @@ class CouponAdminForm(forms.ModelForm):
 
 
 @admin.register(Coupon)
-class CouponAdmin(admin.ModelAdmin):
+class CouponAdmin(admin.ModelAdmin[Coupon]):
     form = CouponAdminForm
     list_display = [
         "name",
@@ -82,7 +82,7 @@ class CouponAdmin(admin.ModelAdmin):
 
 
 @admin.register(ClaimHistory)
-class ClaimHistoryAdmin(admin.ModelAdmin):
+class ClaimHistoryAdmin(admin.ModelAdmin[ClaimHistory]):
     """A read-only ledger; deleting a claim revokes it and returns its unit to the stock."""
 
     list_display = ["user_id", "coupon", "claimed_at"]

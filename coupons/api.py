@@ -1,5 +1,6 @@
 """The HTTP API: parse, call the service, answer."""
 
+from collections.abc import Iterable
 from http import HTTPStatus
 
 from django.http import HttpResponse
@@ -20,9 +21,13 @@ class AlwaysJSON(DefaultContentNegotiation):
     """Answer in JSON whatever the Accept header asks: the API speaks nothing else."""
 
     def select_renderer(
-        self, request: Request, renderers: list[BaseRenderer], format_suffix: str | None = None
+        self,
+        request: Request,
+        renderers: Iterable[BaseRenderer],
+        format_suffix: str | None = None,
     ) -> tuple[BaseRenderer, str]:
-        return renderers[0], renderers[0].media_type
+        renderer = next(iter(renderers))
+        return renderer, renderer.media_type
 
 
 class CouponViewSet(viewsets.ViewSet):

@@ -100,7 +100,9 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
 
     set_rollback()
     if isinstance(exc, exceptions.ValidationError):
-        body = error_body("invalid", "The request body is not valid.", fields=_field_errors(exc.detail))
+        body = error_body(
+            "invalid", "The request body is not valid.", fields=_field_errors(exc.detail)
+        )
     else:
         code = _API_EXCEPTION_CODES.get(type(exc), str(exc.default_code))
         body = error_body(code, str(exc.detail))
@@ -111,15 +113,15 @@ def _field_errors(detail: Any) -> dict[str, list[str]]:
     """Flatten DRF's validation detail to {field: [messages]}; body-level errors go under "body"."""
     if isinstance(detail, dict):
         return {
-            ("body" if field == "non_field_errors" else field): [str(message) for message in messages]
+            ("body" if field == "non_field_errors" else field): [
+                str(message) for message in messages
+            ]
             for field, messages in detail.items()
         }
     return {"body": [str(message) for message in detail]}
 
 
-def _json_error_view(
-    status: HTTPStatus, code: str, message: str
-) -> Callable[..., JsonResponse]:
+def _json_error_view(status: HTTPStatus, code: str, message: str) -> Callable[..., JsonResponse]:
     def view(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
         if isinstance(exception, RequestDataTooBig):
             return JsonResponse(
@@ -144,4 +146,3 @@ def server_error(request: HttpRequest) -> JsonResponse:
         error_body("internal_error", "The server failed to handle the request."),
         status=HTTPStatus.INTERNAL_SERVER_ERROR,
     )
-

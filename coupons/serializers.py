@@ -22,9 +22,7 @@ no_slash = RegexValidator("/", message="Must not contain '/'.", inverse_match=Tr
 def is_possible_coupon_name(name: str) -> bool:
     """Tell whether a string could name a coupon, so one taken from a path needs no query."""
     return (
-        0 < len(name) <= MAX_NAME_LENGTH
-        and "/" not in name
-        and not CONTROL_CHARACTERS.search(name)
+        0 < len(name) <= MAX_NAME_LENGTH and "/" not in name and not CONTROL_CHARACTERS.search(name)
     )
 
 
@@ -57,16 +55,14 @@ class StrictIntegerField(serializers.IntegerField):
         return super().to_internal_value(data)
 
 
-class StrictSerializer(serializers.Serializer):
+class StrictSerializer(serializers.Serializer[Any]):
     """Refuses fields it does not declare, so nothing can be set that the API does not offer."""
 
     def to_internal_value(self, data: Any) -> Any:
         if isinstance(data, dict):
             unknown = sorted(set(data) - set(self.fields))
             if unknown:
-                raise serializers.ValidationError(
-                    {field: ["Unknown field."] for field in unknown}
-                )
+                raise serializers.ValidationError({field: ["Unknown field."] for field in unknown})
         return super().to_internal_value(data)
 
 

@@ -9,6 +9,10 @@ import tempfile
 from pathlib import Path
 
 import dj_database_url
+import django_stubs_ext
+
+# Lets generic classes such as ModelAdmin[Coupon] be subscripted at run time, for typing.
+django_stubs_ext.monkeypatch()
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -27,6 +31,7 @@ def env_list(name: str, default: str) -> list[str]:
 
 
 DEBUG = env_bool("DEBUG", False)
+
 
 def read_or_create_secret_key(path: Path) -> str:
     """Return the key stored at path, creating it once (readable by its owner only)."""

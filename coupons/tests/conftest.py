@@ -39,7 +39,10 @@ def sqlite_environment(tmp_path_factory: pytest.TempPathFactory) -> dict[str, st
 @pytest.fixture(scope="session")
 def postgresql_servers(postgres_environment: dict[str, str]) -> Iterator[list[live.LiveServer]]:
     """Two app instances with several workers each, on one PostgreSQL database."""
-    with live.gunicorn(postgres_environment) as first, live.gunicorn(postgres_environment) as second:
+    with (
+        live.gunicorn(postgres_environment) as first,
+        live.gunicorn(postgres_environment) as second,
+    ):
         yield [first, second]
 
 

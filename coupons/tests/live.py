@@ -99,7 +99,12 @@ def gunicorn(
     process = subprocess.Popen(
         command,
         cwd=PROJECT_DIR,
-        env={**environment, "HOST": "127.0.0.1", "PORT": str(port), "WEB_CONCURRENCY": str(workers)},
+        env={
+            **environment,
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+            "WEB_CONCURRENCY": str(workers),
+        },
         stdout=subprocess.DEVNULL,
     )
     server = LiveServer("127.0.0.1", port, process)

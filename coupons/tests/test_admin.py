@@ -95,7 +95,9 @@ def test_claims_ledger_is_searchable_by_user_and_filterable_by_coupon(
     services.claim_coupon(coupon_name="FRESH", user_id="alice")
 
     by_user = admin_client.get("/admin/coupons/claimhistory/?q=alice")
-    by_coupon = admin_client.get(f"/admin/coupons/claimhistory/?coupon__id__exact={sold_out_coupon.pk}")
+    by_coupon = admin_client.get(
+        f"/admin/coupons/claimhistory/?coupon__id__exact={sold_out_coupon.pk}"
+    )
 
     assert [(c.coupon.name, c.user_id) for c in by_user.context["cl"].result_list] == [
         ("FRESH", "alice"),

@@ -97,7 +97,9 @@ def test_the_image_command_migrates_and_serves_the_api(
 
 def environment_variables_read_by_the_service() -> set[str]:
     sources = [ROOT / "couponsite" / "settings.py", ROOT / "gunicorn.conf.py"]
-    pattern = re.compile(r"""(?:environ\.get\(|environ\[|env_bool\(|env_list\()\s*["']([A-Z_]+)["']""")
+    pattern = re.compile(
+        r"""(?:environ\.get\(|environ\[|env_bool\(|env_list\()\s*["']([A-Z_]+)["']"""
+    )
     return {name for source in sources for name in pattern.findall(source.read_text())}
 
 

@@ -3,7 +3,9 @@ concurrency tests can fail. Served only by the tests; never imported by the prod
 
 import time
 
-from couponsite.wsgi import application
+from couponsite.wsgi import application  # Sets Django up before the models are imported.
+
+# isort: split
 from coupons import services
 from coupons.errors import CouponNotFound, OutOfStock
 from coupons.models import ClaimHistory, Coupon

@@ -73,7 +73,9 @@ class Command(BaseCommand):
         for position, entry in enumerate(entries, start=1):
             serializer = CouponCreateSerializer(data=entry)
             if not serializer.is_valid():
-                raise CommandError(f"Coupon #{position} ({entry!r}) is invalid: {dict(serializer.errors)}")
+                raise CommandError(
+                    f"Coupon #{position} ({entry!r}) is invalid: {dict(serializer.errors)}"
+                )
             valid.append(serializer.validated_data)
 
         created = skipped = 0
