@@ -11,6 +11,28 @@ class CouponQuerySet(models.QuerySet["Coupon"]):
     def available(self) -> "CouponQuerySet":
         return self.filter(remaining_amount__gt=0)
 
+    def claim_outlook(self, name: str, user_id: str) -> tuple[int, int, object, bool] | None:
+        """Return (id, remaining_amount, version, held_by_user) of a coupon, or None.
+
+        The lock-free first look of every claim, in one indexed statement. Written in SQL
+        because the ORM spends longer building this query than the database takes to
+        answer it. `version` is `updated_at` as stored, only ever compared for equality.
+        """
+        coupon_table = Coupon._meta.db_table
+        claim_table = ClaimHistory._meta.db_table
+        with connections[self.db].cursor() as cursor:
+            cursor.execute(
+                f"""
+                SELECT c.id, c.remaining_amount, c.updated_at, EXISTS(
+                    SELECT 1 FROM {claim_table} h WHERE h.coupon_id = c.id AND h.user_id = %s
+                )
+                FROM {coupon_table} c WHERE c.name = %s
+                """,
+                [user_id, name],
+            )
+            row = cursor.fetchone()
+        return (row[0], row[1], row[2], bool(row[3])) if row else None
+
     def details_json(self, name: str) -> str | None:
         """Return the public details of one coupon as a JSON document, or None.
 

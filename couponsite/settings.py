@@ -99,23 +99,23 @@ TEMPLATES = [
 ]
 
 # PostgreSQL when DATABASE_URL is set; otherwise an embedded SQLite file.
-# Connections are kept open between requests (health-checked before reuse): a claim
-# should not pay for a new connection, and psycopg can then prepare hot statements.
+# Connections are kept open between requests: a claim should not pay for a new
+# connection. No health check before reuse: it would cost every request a round trip,
+# while a connection that broke (say, PostgreSQL restarted) fails one request with a
+# 503, is then discarded by Django, and the next request opens a fresh one.
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 CONN_MAX_AGE = int(os.environ["CONN_MAX_AGE"]) if os.environ.get("CONN_MAX_AGE") else None
 if DATABASE_URL:
-    DATABASES = {
-        "default": dj_database_url.parse(
-            DATABASE_URL, conn_max_age=CONN_MAX_AGE, conn_health_checks=True
-        )
-    }
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=CONN_MAX_AGE)}
+    # Send parameters apart from the SQL, so psycopg can prepare the hot statements once
+    # per connection and PostgreSQL skips parsing and planning them on every claim.
+    DATABASES["default"].setdefault("OPTIONS", {})["server_side_binding"] = True
 else:
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": os.environ.get("SQLITE_PATH", str(BASE_DIR / "db.sqlite3")),
             "CONN_MAX_AGE": CONN_MAX_AGE,
-            "CONN_HEALTH_CHECKS": True,
             "OPTIONS": {
                 # Every atomic block starts with BEGIN IMMEDIATE and so takes SQLite's
                 # single write lock up front: claims from several processes queue on
@@ -144,6 +144,11 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
+
+# How long a worker answers claims on a sold-out coupon from memory before checking the
+# database again: an operator's raise of stock or revocation reaches every worker within
+# this time (at once in the worker that made it). 0 turns the memory off.
+SOLD_OUT_MEMORY_SECONDS = float(os.environ.get("SOLD_OUT_MEMORY_SECONDS") or 1.0)
 
 # Request bodies of the API are a few hundred bytes; anything much larger is refused with 413.
 DATA_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("MAX_BODY_BYTES", str(64 * 1024)))

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from rest_framework.test import APIClient
 
+from coupons import services
 from coupons.tests import live
 
 
@@ -51,3 +52,11 @@ def sqlite_servers(sqlite_environment: dict[str, str]) -> Iterator[list[live.Liv
     """Two app instances with several workers each, on one SQLite file."""
     with live.gunicorn(sqlite_environment) as first, live.gunicorn(sqlite_environment) as second:
         yield [first, second]
+
+
+@pytest.fixture(autouse=True)
+def forget_sold_out_coupons() -> Iterator[None]:
+    """Each test starts with an empty sold-out memory: its coupons are new."""
+    services.sold_out_memory.clear()
+    yield
+    services.sold_out_memory.clear()

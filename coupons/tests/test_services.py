@@ -2,11 +2,14 @@
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from django.conf import settings
 from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
 
 from coupons import services
 from coupons.errors import (
@@ -194,3 +197,80 @@ class TestConcurrentServiceCalls:
         assert rivals == [None]
         coupon.refresh_from_db()
         assert (coupon.remaining_amount, claimants(coupon)) == (0, ["u"])
+
+
+@pytest.mark.django_db
+class TestSoldOutMemory:
+    """Claims on a sold-out coupon are answered from memory, and never wrongly let through."""
+
+    @pytest.fixture
+    def sold_out(self) -> Coupon:
+        coupon = services.create_coupon(name="PROMO", amount=1)
+        services.claim_coupon(coupon_name="PROMO", user_id="holder")
+        with pytest.raises(OutOfStock):  # This look at the database is remembered.
+            services.claim_coupon(coupon_name="PROMO", user_id="first-loser")
+        return coupon
+
+    def test_a_sold_out_coupon_is_answered_without_the_database(
+        self, sold_out: Coupon, django_assert_num_queries: Any
+    ) -> None:
+        with django_assert_num_queries(0):
+            with pytest.raises(OutOfStock):
+                services.claim_coupon(coupon_name="PROMO", user_id="late")
+            with pytest.raises(AlreadyClaimed):
+                services.claim_coupon(coupon_name="PROMO", user_id="holder")
+
+    def test_a_raise_of_stock_in_this_process_is_seen_at_once(self, sold_out: Coupon) -> None:
+        services.change_coupon_amount(coupon_id=sold_out.pk, amount=2)
+
+        services.claim_coupon(coupon_name="PROMO", user_id="late")
+
+    def test_a_revocation_in_this_process_is_seen_at_once(self, sold_out: Coupon) -> None:
+        services.revoke_claim(claim_id=sold_out.claims.get().pk)
+
+        services.claim_coupon(coupon_name="PROMO", user_id="holder")
+
+    def test_a_change_made_elsewhere_is_seen_once_the_memory_expires(
+        self, sold_out: Coupon, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # As another process would: the row changes behind this process's back.
+        Coupon.objects.filter(pk=sold_out.pk).update(
+            amount=2, remaining_amount=1, updated_at=timezone.now()
+        )
+        with pytest.raises(OutOfStock):
+            services.claim_coupon(coupon_name="PROMO", user_id="late")
+
+        later = time.monotonic() + settings.SOLD_OUT_MEMORY_SECONDS + 0.1
+        monkeypatch.setattr(time, "monotonic", lambda: later)
+
+        services.claim_coupon(coupon_name="PROMO", user_id="late")
+
+    def test_a_coupon_recreated_under_the_same_name_is_a_new_coupon(
+        self, sold_out: Coupon, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        sold_out.delete()
+        services.create_coupon(name="PROMO", amount=1)
+        later = time.monotonic() + settings.SOLD_OUT_MEMORY_SECONDS + 0.1
+        monkeypatch.setattr(time, "monotonic", lambda: later)
+
+        services.claim_coupon(coupon_name="PROMO", user_id="holder")
+
+    def test_an_unchanged_coupon_is_checked_again_without_reloading_its_holders(
+        self, sold_out: Coupon, monkeypatch: pytest.MonkeyPatch, django_assert_num_queries: Any
+    ) -> None:
+        later = time.monotonic() + settings.SOLD_OUT_MEMORY_SECONDS + 0.1
+        monkeypatch.setattr(time, "monotonic", lambda: later)
+
+        with django_assert_num_queries(1), pytest.raises(OutOfStock):
+            services.claim_coupon(coupon_name="PROMO", user_id="late")
+
+    def test_the_memory_can_be_turned_off(
+        self, settings: Any, django_assert_num_queries: Any
+    ) -> None:
+        settings.SOLD_OUT_MEMORY_SECONDS = 0
+        services.create_coupon(name="PROMO", amount=1)
+        services.claim_coupon(coupon_name="PROMO", user_id="holder")
+
+        for _ in range(2):
+            with django_assert_num_queries(1), pytest.raises(OutOfStock):
+                services.claim_coupon(coupon_name="PROMO", user_id="late")
