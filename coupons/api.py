@@ -14,7 +14,12 @@ from rest_framework.response import Response
 from coupons import services
 from coupons.errors import CouponNotFound
 from coupons.models import Coupon
-from coupons.serializers import ClaimSerializer, CouponCreateSerializer, is_possible_coupon_name
+from coupons.serializers import (
+    ClaimSerializer,
+    CouponCreateSerializer,
+    is_plain_claim,
+    is_possible_coupon_name,
+)
 
 
 class AlwaysJSON(DefaultContentNegotiation):
@@ -61,12 +66,15 @@ class CouponViewSet(viewsets.ViewSet):
 
     @action(detail=False, methods=["post"])
     def claim(self, request: Request) -> Response:
-        serializer = ClaimSerializer(data=request.data)
-        serializer.is_valid(raise_exception=True)
-        claim = services.claim_coupon(**serializer.validated_data)
+        fields = request.data
+        if not is_plain_claim(fields):
+            serializer = ClaimSerializer(data=fields)
+            serializer.is_valid(raise_exception=True)
+            fields = serializer.validated_data
+        claim = services.claim_coupon(coupon_name=fields["coupon_name"], user_id=fields["user_id"])
         return Response(
             {
-                "coupon_name": serializer.validated_data["coupon_name"],
+                "coupon_name": fields["coupon_name"],
                 "user_id": claim.user_id,
                 "claimed_at": claim.claimed_at,
             },
