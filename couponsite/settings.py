@@ -107,9 +107,13 @@ DATABASE_URL = os.environ.get("DATABASE_URL", "")
 CONN_MAX_AGE = int(os.environ["CONN_MAX_AGE"]) if os.environ.get("CONN_MAX_AGE") else None
 if DATABASE_URL:
     DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=CONN_MAX_AGE)}
-    # Send parameters apart from the SQL, so psycopg can prepare the hot statements once
-    # per connection and PostgreSQL skips parsing and planning them on every claim.
-    DATABASES["default"].setdefault("OPTIONS", {})["server_side_binding"] = True
+    # Send parameters apart from the SQL and prepare a statement once it has run 5 times
+    # on a connection: PostgreSQL then skips parsing and planning it on every claim.
+    # (Behind a transaction-pooling PgBouncer, set PREPARE_THRESHOLD= to turn this off.)
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        server_side_binding=True,
+        prepare_threshold=int(os.environ.get("PREPARE_THRESHOLD", "5") or 0) or None,
+    )
 else:
     DATABASES = {
         "default": {
