@@ -174,7 +174,7 @@ LOGGING = {
         "console": {"class": "logging.StreamHandler"},
         "null": {"class": "logging.NullHandler"},
     },
-    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO").upper()},
     "loggers": {
         # A refused request is an expected answer (a 4xx JSON body), not a warning.
         "django.request": {"level": "ERROR"},
