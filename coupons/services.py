@@ -75,8 +75,9 @@ class SoldOutMemory:
             if holders[self.max_claimants : self.max_claimants + 1].exists():
                 return
             claimants = frozenset(user_id for (user_id,) in holders)
-        if len(self._coupons) >= self.max_coupons:
-            del self._coupons[next(iter(self._coupons))]  # The oldest entry.
+        if coupon_name not in self._coupons and len(self._coupons) >= self.max_coupons:
+            # Drop the oldest entry; pop() tolerates another thread dropping it first.
+            self._coupons.pop(next(iter(self._coupons), ""), None)
         self._coupons[coupon_name] = SoldOutCoupon(coupon_id, version, claimants, time.monotonic())
 
     def forget(self, coupon_id: int) -> None:
