@@ -45,9 +45,12 @@ def test_coupon_list_filters_and_searches(
 
 
 def test_adding_a_coupon_in_the_admin_gives_it_its_whole_stock(admin_client: Client) -> None:
-    response = admin_client.post("/admin/coupons/coupon/add/", {"name": "NEW", "amount": "40"})
+    response = admin_client.post(
+        "/admin/coupons/coupon/add/", {"name": "NEW", "amount": "40"}, follow=True
+    )
 
-    assert response.status_code == 302
+    assert response.redirect_chain[-1][1] == 302
+    assert "was added successfully" in response.content.decode()  # The admin's messages work.
     coupon = Coupon.objects.get(name="NEW")
     assert (coupon.amount, coupon.remaining_amount) == (40, 40)
 
