@@ -150,10 +150,10 @@ def service_env(database_url: str, port: int) -> dict[str, str]:
     return env
 
 
-def migrate(env: dict[str, str]) -> None:
-    """Create the schema with the project's migrations."""
+def _run_python(arguments: list[str], env: dict[str, str]) -> str:
+    """Run the project's Python with arguments in the repository; return its output."""
     done = subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput"],
+        [sys.executable, *arguments],
         cwd=REPO_DIR,
         env=env,
         capture_output=True,
@@ -161,23 +161,20 @@ def migrate(env: dict[str, str]) -> None:
         check=False,
     )
     if done.returncode != 0:
-        raise BenchError(f"migrate failed:\n{done.stdout}{done.stderr}")
+        raise BenchError(f"{' '.join(arguments)} failed:\n{done.stdout}{done.stderr}")
+    return done.stdout
+
+
+def migrate(env: dict[str, str]) -> None:
+    """Create the schema with the project's migrations."""
+    _run_python(["manage.py", "migrate", "--noinput"], env)
 
 
 def gunicorn_settings(env: dict[str, str]) -> dict[str, str]:
     """Return the settings gunicorn resolves from gunicorn.conf.py and env (workers, threads…)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--print-config"],
-        cwd=REPO_DIR,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise BenchError(f"gunicorn --print-config failed:\n{done.stderr}")
+    output = _run_python(["-m", "gunicorn", "-c", "gunicorn.conf.py", "--print-config"], env)
     settings = {}
-    for line in done.stdout.splitlines():
+    for line in output.splitlines():
         name, sep, value = line.partition("=")
         if sep:
             settings[name.strip()] = value.strip()
