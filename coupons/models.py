@@ -5,12 +5,6 @@ from django.db.models import F, Q
 
 
 class CouponQuerySet(models.QuerySet["Coupon"]):
-    def sold_out(self) -> "CouponQuerySet":
-        return self.filter(remaining_amount=0)
-
-    def available(self) -> "CouponQuerySet":
-        return self.filter(remaining_amount__gt=0)
-
     def claim_outlook(self, name: str, user_id: str) -> tuple[int, int, object, bool] | None:
         """Return (id, remaining_amount, version, held_by_user) of a coupon, or None.
 
