@@ -1,12 +1,15 @@
 """The HTTP API: parse, call the service, answer."""
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from http import HTTPStatus
+from typing import IO, Any
 
 from django.http import HttpResponse
 from rest_framework import viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import ParseError
 from rest_framework.negotiation import DefaultContentNegotiation
+from rest_framework.parsers import JSONParser
 from rest_framework.renderers import BaseRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -35,6 +38,21 @@ class AlwaysJSON(DefaultContentNegotiation):
         return renderer, renderer.media_type
 
 
+class BoundedJSONParser(JSONParser):
+    """DRF's JSON parser, answering 400 to a body nested deeper than Python's stack allows."""
+
+    def parse(
+        self,
+        stream: IO[Any],
+        media_type: str | None = None,
+        parser_context: Mapping[str, Any] | None = None,
+    ) -> Any:
+        try:
+            return super().parse(stream, media_type, parser_context)
+        except RecursionError:
+            raise ParseError("JSON parse error - the body is nested too deeply.") from None
+
+
 class CouponViewSet(viewsets.ViewSet):
     """Create coupons, claim them, and read their state."""
 
@@ -42,6 +60,7 @@ class CouponViewSet(viewsets.ViewSet):
     # Any name without "/", percent-encoded in the path.
     lookup_value_regex = "[^/]+"
     content_negotiation_class = AlwaysJSON
+    parser_classes = [BoundedJSONParser]
 
     def create(self, request: Request) -> Response:
         serializer = CouponCreateSerializer(data=request.data)

@@ -129,7 +129,21 @@ def test_a_name_of_255_characters_is_accepted(api_client: APIClient) -> None:
 @pytest.mark.parametrize("path", [CREATE, CLAIM])
 @pytest.mark.parametrize(
     "raw",
-    [b"{bad json", b"", b"[]", b'"text"', b"42", b"null", b'{"name": NaN}', b"\xff\xfe"],
+    [
+        b"{bad json",
+        b"",
+        b"[]",
+        b'"text"',
+        b"42",
+        b"null",
+        b'{"name": NaN}',
+        b"\xff\xfe",
+        b"\xef\xbb\xbf{}",
+        b'{"name": "P", "amount": 1}\x00',
+        b"[" * 30_000 + b"]" * 30_000,
+        b'{"a": ' * 5_000 + b"1" + b"}" * 5_000,
+    ],
+    ids=lambda raw: repr(raw[:20]),
 )
 def test_a_body_that_is_not_a_json_object_is_a_bad_request(
     api_client: APIClient, path: str, raw: bytes
