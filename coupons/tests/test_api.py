@@ -385,6 +385,9 @@ def test_details_of_a_unicode_name_are_found_percent_encoded(api_client: APIClie
         "/api/coupons/new%0Aline",
         "/api/coupons/" + "x" * 300,
         "/api/coupons/promo",
+        "/api/coupons/%FF",
+        "/api/coupons/%C0%80",
+        "/api/coupons/%ZZ",
     ],
 )
 def test_details_of_an_unknown_coupon_are_not_found(api_client: APIClient, path: str) -> None:
