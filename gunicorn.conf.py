@@ -16,6 +16,9 @@ worker_class = "gthread" if threads > 1 else "sync"
 timeout = int(os.environ.get("GUNICORN_TIMEOUT") or 30)
 graceful_timeout = 10
 keepalive = 5
+# The longest request line gunicorn allows: room for any coupon name percent-encoded
+# (255 characters of up to 12 bytes each) with plenty to spare.
+limit_request_line = 8190
 
 # Access logs cost a write per request; errors always go to stderr.
 accesslog = "-" if os.environ.get("ACCESS_LOG", "").lower() in {"1", "true", "yes"} else None
