@@ -32,7 +32,7 @@ run: $(VENV)/.installed-runtime
 ## under branch coverage (gunicorn servers included); fails below 90% for coupons/
 test: $(VENV)/.installed-dev
 	$(BIN)/coverage erase
-	$(BIN)/coverage run -m pytest $(PYTEST_ARGS)
+	$(BIN)/coverage run -m pytest
 	$(BIN)/coverage combine --quiet
 	$(BIN)/coverage report
 	$(BIN)/coverage report --include='coupons/*' --fail-under=90 > /dev/null \
