@@ -99,3 +99,8 @@ class CouponViewSet(viewsets.ViewSet):
             },
             status=HTTPStatus.CREATED,
         )
+
+    @claim.mapping.get
+    def details_of_coupon_named_claim(self, request: Request) -> HttpResponse:
+        # The claim route shadows GET /api/coupons/claim; a coupon may be named "claim".
+        return self.retrieve(request, name="claim")

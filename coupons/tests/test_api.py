@@ -197,8 +197,8 @@ def test_an_oversized_body_is_refused(api_client: APIClient, path: str) -> None:
         ("GET", CREATE),
         ("PUT", CREATE),
         ("DELETE", CREATE),
-        ("GET", CLAIM),
         ("PUT", CLAIM),
+        ("DELETE", CLAIM),
         ("POST", "/api/coupons/PROMO"),
         ("PUT", "/api/coupons/PROMO"),
         ("PATCH", "/api/coupons/PROMO"),
@@ -397,6 +397,22 @@ def test_details_of_an_unknown_coupon_are_not_found(api_client: APIClient, path:
 
     assert response.status_code == 404
     assert error_code(response) == "coupon_not_found"
+
+
+def test_a_coupon_named_claim_can_be_read_like_any_other(api_client: APIClient) -> None:
+    assert error_code(api_client.get("/api/coupons/claim")) == "coupon_not_found"
+    post_json(api_client, CREATE, {"name": "claim", "amount": 2})
+    post_json(api_client, CLAIM, {"user_id": "u", "coupon_name": "claim"})
+
+    for path in ["/api/coupons/claim", "/api/coupons/claim/"]:
+        response = api_client.get(path)
+        assert response.status_code == 200
+        assert response.json() == {
+            "name": "claim",
+            "amount": 2,
+            "remaining_amount": 1,
+            "claimed_by": ["u"],
+        }
 
 
 @pytest.mark.parametrize(
