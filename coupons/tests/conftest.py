@@ -1,4 +1,3 @@
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,11 +11,6 @@ from coupons.tests import live
 @pytest.fixture
 def api_client() -> APIClient:
     return APIClient()
-
-
-@pytest.fixture
-def unique_name() -> str:
-    return f"PROMO_{uuid.uuid4().hex[:10]}"
 
 
 @pytest.fixture(scope="session")
