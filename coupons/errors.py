@@ -62,6 +62,10 @@ def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **extra}}
 
 
+# A body over MAX_BODY_BYTES, whether an API view or Django's handler400 meets it.
+PAYLOAD_TOO_LARGE = error_body("payload_too_large", "The request body is too large.")
+
+
 # DRF's own exceptions, by the code we publish for them.
 _API_EXCEPTION_CODES: dict[type[exceptions.APIException], str] = {
     exceptions.ParseError: "invalid_json",
@@ -77,10 +81,7 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     if isinstance(exc, CouponError):
         return Response(error_body(exc.code, exc.message), status=exc.status)
     if isinstance(exc, RequestDataTooBig):
-        return Response(
-            error_body("payload_too_large", "The request body is too large."),
-            status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-        )
+        return Response(PAYLOAD_TOO_LARGE, status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
     if isinstance(exc, OperationalError):
         # The database is unreachable, restarting or timed out on a lock. A claim either
         # committed whole or not at all, so a retry is safe: one that did commit is
@@ -124,10 +125,7 @@ def _field_errors(detail: Any) -> dict[str, list[str]]:
 def _json_error_view(status: HTTPStatus, code: str, message: str) -> Callable[..., JsonResponse]:
     def view(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
         if isinstance(exception, RequestDataTooBig):
-            return JsonResponse(
-                error_body("payload_too_large", "The request body is too large."),
-                status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-            )
+            return JsonResponse(PAYLOAD_TOO_LARGE, status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
         return JsonResponse(error_body(code, message), status=status)
 
     return view

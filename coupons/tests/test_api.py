@@ -5,6 +5,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from django.test import Client
 from rest_framework.test import APIClient
 
 from coupons.models import ClaimHistory, Coupon
@@ -423,6 +424,29 @@ def test_an_unknown_path_is_a_json_404(api_client: APIClient, path: str) -> None
 
     assert response.status_code == 404
     assert error_code(response) == "not_found"
+
+
+def test_an_oversized_form_outside_the_api_is_a_json_413(client: Client) -> None:
+    response = client.post("/admin/login/", {"username": "x" * 200_000, "password": "p"})
+
+    assert response.status_code == 413
+    assert error_code(response) == "payload_too_large"
+
+
+def test_a_crash_is_a_json_500_without_a_stack_trace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def crash(*args: Any) -> None:
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(Coupon.objects, "details_json", crash)
+    client = APIClient(raise_request_exception=False)
+
+    response = client.get("/api/coupons/PROMO")
+
+    assert response.status_code == 500
+    assert error_code(response) == "internal_error"
+    assert b"secret internals" not in response.content
 
 
 def test_an_html_accept_header_still_gets_json(api_client: APIClient) -> None:
