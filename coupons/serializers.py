@@ -11,16 +11,14 @@ MAX_AMOUNT = 2_147_483_647
 
 # Unicode control characters (C0, DEL and C1), NUL among them.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# What StrictCharField refuses in a string: those, and lone surrogates (DRF's own check).
+REFUSED_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 no_control_characters = RegexValidator(
     CONTROL_CHARACTERS, message="Must not contain control characters.", inverse_match=True
 )
 # A coupon is addressed by its name in a URL path, where "/" cannot stand.
 no_slash = RegexValidator("/", message="Must not contain '/'.", inverse_match=True)
-
-
-# What StrictCharField refuses in a string: control characters and lone surrogates.
-REFUSED_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def is_valid_identifier(value: object) -> bool:
