@@ -1,10 +1,20 @@
 """Coupons with a limited stock, and the ledger of who claimed them."""
 
+from typing import Any
+
 from django.db import connections, models
 from django.db.models import F, Q
 
 
 class CouponQuerySet(models.QuerySet["Coupon"]):
+    def _one_row(self, sql: str, params: list[str]) -> tuple[Any, ...] | None:
+        """Run one SQL statement naming {coupon} and {claim} tables; return its first row."""
+        sql = sql.format(coupon=Coupon._meta.db_table, claim=ClaimHistory._meta.db_table)
+        with connections[self.db].cursor() as cursor:
+            cursor.execute(sql, params)
+            row: tuple[Any, ...] | None = cursor.fetchone()
+        return row
+
     def claim_outlook(self, name: str, user_id: str) -> tuple[int, int, object, bool] | None:
         """Return (id, remaining_amount, version, held_by_user) of a coupon, or None.
 
@@ -12,19 +22,15 @@ class CouponQuerySet(models.QuerySet["Coupon"]):
         because the ORM spends longer building this query than the database takes to
         answer it. `version` is `updated_at` as stored, only ever compared for equality.
         """
-        coupon_table = Coupon._meta.db_table
-        claim_table = ClaimHistory._meta.db_table
-        with connections[self.db].cursor() as cursor:
-            cursor.execute(
-                f"""
-                SELECT c.id, c.remaining_amount, c.updated_at, EXISTS(
-                    SELECT 1 FROM {claim_table} h WHERE h.coupon_id = c.id AND h.user_id = %s
-                )
-                FROM {coupon_table} c WHERE c.name = %s
-                """,
-                [user_id, name],
+        row = self._one_row(
+            """
+            SELECT c.id, c.remaining_amount, c.updated_at, EXISTS(
+                SELECT 1 FROM {claim} h WHERE h.coupon_id = c.id AND h.user_id = %s
             )
-            row = cursor.fetchone()
+            FROM {coupon} c WHERE c.name = %s
+            """,
+            [user_id, name],
+        )
         return (row[0], row[1], row[2], bool(row[3])) if row else None
 
     def details_json(self, name: str) -> str | None:
@@ -34,43 +40,38 @@ class CouponQuerySet(models.QuerySet["Coupon"]):
         the list of claimants come from one snapshot even while claims commit, and a
         coupon with 100,000 claims costs no Python object per claim.
         """
-        coupon_table = Coupon._meta.db_table
-        claim_table = ClaimHistory._meta.db_table
-        connection = connections[self.db]
-        if connection.vendor == "postgresql":
-            sql = f"""
+        if connections[self.db].vendor == "postgresql":
+            sql = """
                 SELECT json_build_object(
                     'name', c.name,
                     'amount', c.amount,
                     'remaining_amount', c.remaining_amount,
                     'claimed_by', COALESCE(
                         (SELECT json_agg(h.user_id ORDER BY h.id)
-                         FROM {claim_table} h WHERE h.coupon_id = c.id),
+                         FROM {claim} h WHERE h.coupon_id = c.id),
                         '[]'::json
                     )
                 )::text
-                FROM {coupon_table} c WHERE c.name = %s
+                FROM {coupon} c WHERE c.name = %s
             """
         else:
             # SQLite before 3.44 has no ORDER BY inside an aggregate; it aggregates an
             # ordered subquery in that order.
-            sql = f"""
+            sql = """
                 SELECT json_object(
                     'name', c.name,
                     'amount', c.amount,
                     'remaining_amount', c.remaining_amount,
                     'claimed_by', (
                         SELECT json_group_array(user_id) FROM (
-                            SELECT h.user_id FROM {claim_table} h
+                            SELECT h.user_id FROM {claim} h
                             WHERE h.coupon_id = c.id ORDER BY h.id
                         )
                     )
                 )
-                FROM {coupon_table} c WHERE c.name = %s
+                FROM {coupon} c WHERE c.name = %s
             """
-        with connection.cursor() as cursor:
-            cursor.execute(sql, [name])
-            row = cursor.fetchone()
+        row = self._one_row(sql, [name])
         return row[0] if row else None
 
 
