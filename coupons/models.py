@@ -5,6 +5,9 @@ from typing import Any
 from django.db import connections, models
 from django.db.models import F, Q
 
+# The locking statement of a claim, per database alias; see CouponQuerySet.lock_stock().
+_lock_statements: dict[str, str] = {}
+
 
 class CouponQuerySet(models.QuerySet["Coupon"]):
     def _one_row(self, sql: str, params: list[str]) -> tuple[Any, ...] | None:
@@ -32,6 +35,30 @@ class CouponQuerySet(models.QuerySet["Coupon"]):
             [user_id, name],
         )
         return (row[0], row[1], row[2], bool(row[3])) if row else None
+
+    def lock_stock(self, coupon_id: int) -> int:
+        """Lock a coupon's row until the transaction ends; return its stock left.
+
+        Raises Coupon.DoesNotExist if there is no such coupon. The statement is the one
+        `select_for_update(no_key=True)` builds, built once per process rather than for
+        every claim: building it took four times the CPU of running it (168 against 40 µs),
+        and every claim of a hot coupon waits for it.
+        """
+        statement = _lock_statements.get(self.db)
+        if statement is None:
+            locking = self.select_for_update(no_key=True).filter(pk=0)
+            statement, params = (
+                locking.values_list("remaining_amount").query.get_compiler(using=self.db).as_sql()
+            )
+            assert params == (0,), "the coupon id must be the statement's only parameter"
+            _lock_statements[self.db] = statement
+        with connections[self.db].cursor() as cursor:
+            cursor.execute(statement, [coupon_id])
+            row = cursor.fetchone()
+        if row is None:
+            raise Coupon.DoesNotExist()
+        remaining_amount: int = row[0]
+        return remaining_amount
 
     def details_json(self, name: str) -> str | None:
         """Return the public details of one coupon as a JSON document, or None.

@@ -120,11 +120,7 @@ def claim_coupon(*, coupon_name: str, user_id: str) -> ClaimHistory:
             # Lock the coupon's row so concurrent claims take its stock one at a time, and
             # re-read the counter under the lock: the value read above may already be stale.
             # NO KEY: the row's key is not changed, so foreign-key checks need not wait.
-            remaining_amount = (
-                Coupon.objects.select_for_update(no_key=True)
-                .values_list("remaining_amount", flat=True)
-                .get(pk=coupon_id)
-            )
+            remaining_amount = Coupon.objects.lock_stock(coupon_id)
             if remaining_amount == 0:
                 # The last unit went while this request queued. A user who holds the
                 # coupon still hears that first, as the contract orders the checks.

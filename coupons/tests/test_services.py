@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from coupons import services
@@ -123,6 +123,24 @@ def in_threads(count: int, action: Callable[[int], object]) -> list[BaseExceptio
 
 
 @pytest.mark.django_db(transaction=True)
+def test_lock_stock_holds_the_coupon_row_until_the_transaction_ends() -> None:
+    coupon = services.create_coupon(name="PROMO", amount=3)
+
+    def rival_claims_lock(_: int) -> None:
+        with transaction.atomic():
+            Coupon.objects.select_for_update(no_key=True, nowait=True).get(pk=coupon.pk)
+
+    with transaction.atomic():
+        assert Coupon.objects.lock_stock(coupon.pk) == 3
+        (while_held,) = in_threads(1, rival_claims_lock)
+        with pytest.raises(Coupon.DoesNotExist):
+            Coupon.objects.lock_stock(coupon.pk + 1)
+    assert isinstance(while_held, OperationalError)
+    assert "could not obtain lock" in str(while_held)
+    assert in_threads(1, rival_claims_lock) == [None]
+
+
+@pytest.mark.django_db(transaction=True)
 class TestConcurrentServiceCalls:
     """Threads, each with its own PostgreSQL connection, racing through the service."""
 
@@ -176,10 +194,10 @@ class TestConcurrentServiceCalls:
         self,
     ) -> None:
         coupon = services.create_coupon(name="PROMO", amount=1)
-        lock_coupon = Coupon.objects.select_for_update
+        lock_stock = Coupon.objects.lock_stock
         rivals: list[BaseException | None] = []
 
-        def rival_commits_first(**options: Any) -> Any:
+        def rival_commits_first(coupon_id: int) -> int:
             # The same user's other request takes the last unit between this one's
             # lock-free check and its lock.
             if not rivals:
@@ -187,10 +205,10 @@ class TestConcurrentServiceCalls:
                 rivals[:] = in_threads(
                     1, lambda _: services.claim_coupon(coupon_name="PROMO", user_id="u")
                 )
-            return lock_coupon(**options)
+            return lock_stock(coupon_id)
 
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(Coupon.objects, "select_for_update", rival_commits_first)
+            patch.setattr(Coupon.objects, "lock_stock", rival_commits_first)
             with pytest.raises(AlreadyClaimed):
                 services.claim_coupon(coupon_name="PROMO", user_id="u")
 
