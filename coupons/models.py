@@ -163,9 +163,9 @@ class ClaimHistory(models.Model):
         indexes = [
             # The claimed_by listing, in claim order.
             models.Index(fields=["coupon", "id"], name="claim_coupon_order_idx"),
-            # The admin's search by user across coupons.
-            models.Index(fields=["user_id"], name="claim_user_idx"),
         ]
+        # No index on user_id alone: the admin's search by user is a substring match,
+        # which no B-tree serves, and every claim would pay for it under the row lock.
 
     def __str__(self) -> str:
         return f"{self.user_id} → {self.coupon}"
