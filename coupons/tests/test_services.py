@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from django.conf import settings
 from django.db import IntegrityError, OperationalError, connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from coupons import services
@@ -98,6 +99,28 @@ class TestDatabaseConstraints:
         coupon = services.create_coupon(name="PROMO", amount=5)
         with pytest.raises(IntegrityError), transaction.atomic():
             Coupon.objects.filter(pk=coupon.pk).update(remaining_amount=remaining_amount)
+
+
+@pytest.mark.django_db
+def test_holder_checks_read_the_unique_index_even_on_a_young_table() -> None:
+    # The test database's claims table is young and never analyzed: the state in which
+    # PostgreSQL would plan "coupon_id = … AND user_id = …" on the claimed_by index and
+    # then read every claim of the coupon, if that index could serve it.
+    coupon = services.create_coupon(name="PROMO", amount=50)
+    for index in range(20):
+        services.claim_coupon(coupon_name="PROMO", user_id=f"u{index}")
+    with CaptureQueriesContext(connection) as captured:
+        Coupon.objects.claim_outlook("PROMO", "u3")
+        ClaimHistory.objects.filter(coupon_id=coupon.pk, user_id="u3").exists()
+    with connection.cursor() as cursor:
+        plans = []
+        for query in captured.captured_queries:
+            cursor.execute(f"EXPLAIN {query['sql']}")
+            plans.append("\n".join(line for (line,) in cursor.fetchall()))
+    assert len(plans) == 2
+    for plan in plans:
+        assert "claim_one_per_user" in plan, plan
+        assert "claim_coupon_order_idx" not in plan, plan
 
 
 def in_threads(count: int, action: Callable[[int], object]) -> list[BaseException | None]:
