@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from django.conf import settings
 from django.db import IntegrityError, OperationalError, connection, transaction
+from django.db.transaction import TransactionManagementError
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -161,6 +162,9 @@ def test_lock_stock_holds_the_coupon_row_until_the_transaction_ends() -> None:
     assert isinstance(while_held, OperationalError)
     assert "could not obtain lock" in str(while_held)
     assert in_threads(1, rival_claims_lock) == [None]
+    # Outside a transaction the lock would not outlive the statement: refused.
+    with pytest.raises(TransactionManagementError):
+        Coupon.objects.lock_stock(coupon.pk)
 
 
 @pytest.mark.django_db(transaction=True)
