@@ -10,10 +10,14 @@ from django.db.transaction import TransactionManagementError
 _lock_statements: dict[str, str] = {}
 
 
+def _naming_tables(sql: str) -> str:
+    """Fill in the {coupon} and {claim} table names of a hand-written statement."""
+    return sql.format(coupon=Coupon._meta.db_table, claim=ClaimHistory._meta.db_table)
+
+
 class CouponQuerySet(models.QuerySet["Coupon"]):
-    def _one_row(self, sql: str, params: list[str]) -> tuple[Any, ...] | None:
-        """Run one SQL statement naming {coupon} and {claim} tables; return its first row."""
-        sql = sql.format(coupon=Coupon._meta.db_table, claim=ClaimHistory._meta.db_table)
+    def _one_row(self, sql: str, params: list[Any]) -> tuple[Any, ...] | None:
+        """Run one SQL statement; return its first row."""
         with connections[self.db].cursor() as cursor:
             cursor.execute(sql, params)
             row: tuple[Any, ...] | None = cursor.fetchone()
@@ -27,12 +31,14 @@ class CouponQuerySet(models.QuerySet["Coupon"]):
         answer it. `version` is `updated_at` as stored, only ever compared for equality.
         """
         row = self._one_row(
-            """
-            SELECT c.id, c.remaining_amount, c.updated_at, EXISTS(
-                SELECT 1 FROM {claim} h WHERE h.coupon_id = c.id AND h.user_id = %s
-            )
-            FROM {coupon} c WHERE c.name = %s
-            """,
+            _naming_tables(
+                """
+                SELECT c.id, c.remaining_amount, c.updated_at, EXISTS(
+                    SELECT 1 FROM {claim} h WHERE h.coupon_id = c.id AND h.user_id = %s
+                )
+                FROM {coupon} c WHERE c.name = %s
+                """
+            ),
             [user_id, name],
         )
         return (row[0], row[1], row[2], bool(row[3])) if row else None
@@ -58,9 +64,7 @@ class CouponQuerySet(models.QuerySet["Coupon"]):
             )
             assert params == (0,), "the coupon id must be the statement's only parameter"
             _lock_statements[self.db] = statement
-        with connection.cursor() as cursor:
-            cursor.execute(statement, [coupon_id])
-            row = cursor.fetchone()
+        row = self._one_row(statement, [coupon_id])
         if row is None:
             raise Coupon.DoesNotExist()
         remaining_amount: int = row[0]
@@ -105,7 +109,7 @@ class CouponQuerySet(models.QuerySet["Coupon"]):
                 )
                 FROM {coupon} c WHERE c.name = %s
             """
-        row = self._one_row(sql, [name])
+        row = self._one_row(_naming_tables(sql), [name])
         return row[0] if row else None
 
 
