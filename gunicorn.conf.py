@@ -9,7 +9,9 @@ bind = f"{os.environ.get('HOST') or '127.0.0.1'}:{os.environ.get('PORT') or '808
 # cores keep the CPUs busy while others wait. Each holds one database connection.
 workers = int(os.environ.get("WEB_CONCURRENCY") or multiprocessing.cpu_count() * 2 + 1)
 threads = int(os.environ.get("GUNICORN_THREADS") or 1)
-worker_class = "gthread" if threads > 1 else "sync"
+# One thread: gunicorn's sync worker, closing each connection as soon as it may
+# (couponsite/workers.py).
+worker_class = "gthread" if threads > 1 else "couponsite.workers.SyncWorker"
 
 # A request waiting this long is stuck: the worker is replaced and its transaction, if
 # any, is rolled back by the database when the connection drops.

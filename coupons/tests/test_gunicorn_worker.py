@@ -1,0 +1,77 @@
+"""The gunicorn worker closes a connection at once only when nothing can be reset."""
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from coupons.tests import live
+from coupons.tests.live import LiveServer
+
+
+@pytest.fixture(scope="module")
+def one_worker(sqlite_environment: dict[str, str]) -> Iterator[LiveServer]:
+    """A server with a single worker, so a connection it lingers on blocks everyone else."""
+    with live.gunicorn(sqlite_environment, workers=1) as server:
+        yield server
+
+
+def open_connection(server: LiveServer) -> socket.socket:
+    return socket.create_connection((server.host, server.port), timeout=10)
+
+
+def read_until_closed(connection: socket.socket) -> bytes:
+    received = b""
+    while chunk := connection.recv(65536):
+        received += chunk
+    return received
+
+
+def error_code_of_404(response: bytes) -> str:
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 "), head
+    code: str = json.loads(body)["error"]["code"]
+    return code
+
+
+def test_the_worker_serves_the_next_client_while_the_last_one_keeps_its_connection(
+    one_worker: LiveServer,
+) -> None:
+    idle_client = open_connection(one_worker)
+    try:
+        idle_client.sendall(b"GET /api/coupons/nothing-here HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert error_code_of_404(read_until_closed(idle_client)) == "coupon_not_found"
+
+        # gunicorn's own sync worker would now wait up to 2 s for this client to close.
+        started = time.monotonic()
+        next_client = live.LiveServer(one_worker.host, one_worker.port, one_worker.process)
+        assert next_client.request("GET", "/api/coupons/nothing-here").status == 404
+        assert time.monotonic() - started < 1.5
+    finally:
+        idle_client.close()
+
+
+def test_a_client_still_sending_an_unread_body_gets_the_answer_and_no_reset(
+    one_worker: LiveServer,
+) -> None:
+    # A 404 is answered without reading the body; the client is still sending it.
+    body_length = 48_000
+    client = open_connection(one_worker)
+    try:
+        client.sendall(
+            b"POST /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {body_length}\r\n\r\n".encode()
+            + b" " * 1000
+        )
+        response = read_until_closed(client)
+        assert error_code_of_404(response) == "not_found"
+        # Closed at once, the worker's socket would answer the rest with a reset, and the
+        # second send would fail; gunicorn's graceful close reads it instead.
+        client.sendall(b" " * (body_length // 2))
+        time.sleep(0.2)
+        client.sendall(b" " * (body_length // 2 - 1000))
+        client.shutdown(socket.SHUT_WR)
+    finally:
+        client.close()
