@@ -60,7 +60,8 @@ class CouponAdmin(admin.ModelAdmin[Coupon]):
 
     def get_readonly_fields(self, request: HttpRequest, obj: Coupon | None = None) -> list[str]:
         # Shops address a coupon by its name, so it is fixed once created.
-        return [*self.readonly_fields, "name"] if obj else ["claimed_count"]
+        # A coupon being added has no stock or claims to show yet.
+        return [*self.readonly_fields, "name"] if obj else []
 
     @admin.display(description="claimed", ordering=F("amount") - F("remaining_amount"))
     def claimed_count(self, coupon: Coupon) -> int:

@@ -44,6 +44,13 @@ def test_coupon_list_filters_and_searches(
     assert {coupon.name for coupon in response.context["cl"].result_list} == names
 
 
+def test_the_add_coupon_page_asks_for_a_name_and_an_amount(admin_client: Client) -> None:
+    response = admin_client.get("/admin/coupons/coupon/add/")
+
+    assert response.status_code == 200
+    assert set(response.context["adminform"].form.fields) == {"name", "amount"}
+
+
 def test_adding_a_coupon_in_the_admin_gives_it_its_whole_stock(admin_client: Client) -> None:
     response = admin_client.post(
         "/admin/coupons/coupon/add/", {"name": "NEW", "amount": "40"}, follow=True
@@ -137,3 +144,4 @@ def test_deleting_claims_in_the_admin_revokes_them_and_restores_stock(
     sold_out_coupon.refresh_from_db()
     assert sold_out_coupon.remaining_amount == 2
     assert not ClaimHistory.objects.exists()
+
