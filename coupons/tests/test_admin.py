@@ -145,3 +145,36 @@ def test_deleting_claims_in_the_admin_revokes_them_and_restores_stock(
     assert sold_out_coupon.remaining_amount == 2
     assert not ClaimHistory.objects.exists()
 
+
+def test_the_admin_gets_sessions_csrf_checks_and_messages(admin_client: Client) -> None:
+    response = admin_client.get("/admin/coupons/coupon/add/")
+
+    request = response.wsgi_request
+    assert request.session.session_key
+    assert request.user.is_superuser
+    assert hasattr(request, "_messages")
+    assert "csrftoken" in response.cookies
+    # A form posted without its CSRF token is refused.
+    strict_client = Client(enforce_csrf_checks=True)
+    strict_client.force_login(request.user)
+    refused = strict_client.post("/admin/coupons/coupon/add/", {"name": "X", "amount": 1})
+    assert refused.status_code == 403
+    assert not Coupon.objects.filter(name="X").exists()
+
+
+def test_the_api_skips_the_admins_session_csrf_auth_and_message_middleware() -> None:
+    client = Client(enforce_csrf_checks=True)
+    services.create_coupon(name="PLAIN", amount=1)
+
+    response = client.post(
+        "/api/coupons/claim",
+        {"user_id": "alice", "coupon_name": "PLAIN"},
+        content_type="application/json",
+    )
+
+    assert response.status_code == 201
+    request = response.wsgi_request
+    for attribute in ["session", "_messages", "auser"]:
+        assert not hasattr(request, attribute), attribute
+    assert "CSRF_COOKIE" not in request.META
+    assert not response.cookies
