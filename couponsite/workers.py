@@ -16,7 +16,7 @@ class SyncWorker(GunicornSyncWorker):
     client still sends. That wait protects responses from a TCP reset, which the kernel
     sends when a socket is closed with unread data. But the worker serves nobody while it
     waits, and waking up for the client's FIN costs CPU: without the wait a refusal took
-    5-20 % less worker CPU, and B1 answered 3-12 % more claims per second
+    up to 20 % less worker CPU, and B1 answered 3-12 % more claims per second
     (docs/performance.md). When the request's body was read to the end and nothing else
     has arrived, there is nothing to reset, so the socket is closed now. Otherwise (a body
     left unread, chunked or pipelined data, TLS) gunicorn's own graceful close runs.
