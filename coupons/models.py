@@ -77,6 +77,14 @@ class CouponQuerySet(models.QuerySet["Coupon"]):
         the list of claimants come from one snapshot even while claims commit, and a
         coupon with 100,000 claims costs no Python object per claim. "h.id > 0", true of
         every claim, is what lets it read the claims through claim_coupon_order_idx.
+
+        The list is aggregated from a subquery ordered by claim id, not with ORDER BY
+        inside the aggregate: PostgreSQL 15 sorts an aggregate's input again even when it
+        arrives in order, which took a third of the time of reading 100,000 claims
+        (docs/performance.md). PostgreSQL's documentation gives this form for ordered
+        aggregates; it holds as long as the query around the subquery does nothing but
+        aggregate (no join that could reorder the rows). A test checks it on 5,000 claims
+        stored out of claim order.
         """
         if connections[self.db].vendor == "postgresql":
             sql = """
@@ -85,8 +93,10 @@ class CouponQuerySet(models.QuerySet["Coupon"]):
                     'amount', c.amount,
                     'remaining_amount', c.remaining_amount,
                     'claimed_by', COALESCE(
-                        (SELECT json_agg(h.user_id ORDER BY h.id)
-                         FROM {claim} h WHERE h.coupon_id = c.id AND h.id > 0),
+                        (SELECT json_agg(s.user_id) FROM (
+                            SELECT h.user_id FROM {claim} h
+                            WHERE h.coupon_id = c.id AND h.id > 0 ORDER BY h.id
+                        ) s),
                         '[]'::json
                     )
                 )::text

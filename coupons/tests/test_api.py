@@ -5,6 +5,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from django.db import connection
 from django.test import Client
 from rest_framework.test import APIClient
 
@@ -359,6 +360,23 @@ def test_details_list_claimants_in_claim_order(api_client: APIClient) -> None:
         "remaining_amount": 96,
         "claimed_by": users,
     }
+
+
+def test_details_list_thousands_of_claimants_in_claim_order(api_client: APIClient) -> None:
+    # Stored so that neither the table's own order nor the (coupon, user_id) index gives
+    # claim order: only reading by claim id does, whichever plan PostgreSQL picks.
+    coupon = Coupon.objects.create(name="BIG", amount=5000, remaining_amount=0)
+    users = [f"u{(index * 7919) % 10007:05}" for index in range(5000)]
+    ClaimHistory.objects.bulk_create(
+        ClaimHistory(id=index + 1, coupon=coupon, user_id=user_id)
+        for index, user_id in sorted(enumerate(users), key=lambda claim: claim[1])
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(f"ANALYZE {ClaimHistory._meta.db_table}")
+
+    response = api_client.get(details_path("BIG"))
+
+    assert response.json()["claimed_by"] == users
 
 
 def test_details_of_a_unicode_name_are_found_percent_encoded(api_client: APIClient) -> None:
