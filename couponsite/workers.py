@@ -1,15 +1,30 @@
 """The gunicorn worker that serves the site (gunicorn.conf.py picks it)."""
 
+import json
 import socket
+from http import HTTPStatus
 from typing import Any
 
+from gunicorn import util
 from gunicorn.http.body import LengthReader
 from gunicorn.workers.sync import SyncWorker as GunicornSyncWorker
 
+# The error of each status gunicorn answers by itself, before Django sees the request.
+_ERRORS = {
+    400: ("bad_request", "The request is not valid HTTP."),
+    403: ("forbidden", "The request is forbidden."),
+    414: ("uri_too_long", "The request line is too long."),
+    417: ("expectation_failed", "The Expect header cannot be met."),
+    431: ("header_fields_too_large", "The request headers are too large."),
+    500: ("internal_error", "The server failed to handle the request."),
+    501: ("not_implemented", "The transfer coding is not supported."),
+}
+
 
 class SyncWorker(GunicornSyncWorker):
-    """gunicorn's sync worker, closing a connection at once when the client has nothing
-    left to send.
+    """gunicorn's sync worker with two changes: it closes a connection at once when the
+    client has nothing left to send, and it answers the requests gunicorn refuses by
+    itself with the API's JSON errors.
 
     The sync worker answers one request per connection and then closes it gracefully: it
     sends its FIN and waits, up to 2 s, until the client closes too, reading whatever the
@@ -28,6 +43,48 @@ class SyncWorker(GunicornSyncWorker):
         # follows does nothing on a socket already closed.
         if not self.cfg.is_ssl and _request_fully_read(req) and not _has_unread_data(client):
             client.close()
+
+    def handle_error(self, req: Any, client: socket.socket, addr: Any, exc: BaseException) -> None:
+        """Answer a request gunicorn refused (too long a request line, a malformed header…)
+        with the API's JSON error rather than gunicorn's HTML page.
+
+        gunicorn still decides the status and logs the refusal: its page is caught, and
+        only its status line is kept.
+        """
+        page = _PageCatcher(client)
+        super().handle_error(req, page, addr, exc)
+        # The page starts with a status line such as "HTTP/1.1 414 URI Too Long".
+        words = page.written.split(b"\r\n", 1)[0].split()
+        status = int(words[1]) if len(words) > 1 and words[1].isdigit() else 400
+        if status not in _ERRORS:
+            status = 500 if status >= 500 else 400
+        code, message = _ERRORS[status]
+        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        head = (
+            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        try:
+            util.write_nonblock(client, head.encode("latin-1") + body)
+        except OSError:
+            self.log.debug("Failed to send error message.")
+
+
+class _PageCatcher:
+    """Stands in for a client socket and keeps what is written to it."""
+
+    def __init__(self, client: socket.socket) -> None:
+        self._client = client
+        self.written = b""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def gettimeout(self) -> float:
+        return 0.0  # Already non-blocking, so gunicorn leaves the real socket's mode alone.
+
+    def sendall(self, data: bytes) -> None:
+        self.written += data
 
 
 def _request_fully_read(req: Any) -> bool:

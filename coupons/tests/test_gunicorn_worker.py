@@ -1,9 +1,11 @@
-"""The gunicorn worker closes a connection at once only when nothing can be reset."""
+"""The gunicorn worker: it closes a connection at once only when nothing can be reset, and
+answers the requests gunicorn refuses by itself in JSON."""
 
 import json
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -74,3 +76,47 @@ def test_a_client_still_sending_an_unread_body_gets_the_answer_and_no_reset(
         client.shutdown(socket.SHUT_WR)
     finally:
         client.close()
+
+
+def exchange(server: LiveServer, request: bytes) -> tuple[str, dict[str, str], Any]:
+    """Send raw bytes; return the status line, the headers and the JSON body."""
+    with open_connection(server) as connection:
+        connection.sendall(request)
+        head, _, body = read_until_closed(connection).partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in header_lines)
+    return status_line, headers, json.loads(body)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "code"),
+    [
+        (
+            b"GET /api/coupons/" + b"x" * 9000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+            "414",
+            "uri_too_long",
+        ),
+        (
+            b"GET /api/coupons/x HTTP/1.1\r\nHost: 127.0.0.1\r\nno colon here\r\n\r\n",
+            "400",
+            "bad_request",
+        ),
+        (b"NOT HTTP AT ALL\r\n\r\n", "400", "bad_request"),
+        (
+            b"GET /api/coupons/x HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            + b"".join(b"X-Header-%d: y\r\n" % index for index in range(150))
+            + b"\r\n",
+            "431",
+            "header_fields_too_large",
+        ),
+    ],
+)
+def test_requests_gunicorn_refuses_get_the_apis_json_error(
+    one_worker: LiveServer, request_bytes: bytes, status: str, code: str
+) -> None:
+    status_line, headers, body = exchange(one_worker, request_bytes)
+
+    assert status_line.split()[1] == status
+    assert headers["content-type"] == "application/json"
+    assert body["error"]["code"] == code
+    assert body["error"]["message"]
