@@ -5,7 +5,7 @@ from typing import Any
 from django.contrib.auth.middleware import AuthenticationMiddleware
 from django.contrib.messages.middleware import MessageMiddleware
 from django.contrib.sessions.middleware import SessionMiddleware
-from django.http import HttpRequest, HttpResponseBase
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.middleware.csrf import CsrfViewMiddleware
 
 
@@ -43,3 +43,22 @@ class AdminAuthenticationMiddleware(SkippedForTheApi, AuthenticationMiddleware):
 
 class AdminMessageMiddleware(SkippedForTheApi, MessageMiddleware):
     pass
+
+
+class HeadWithoutBody:
+    """Answers HEAD with the headers GET would get, and no body.
+
+    Django's handler leaves the body in, and gunicorn then drops it with a warning in the
+    log for every HEAD request: a load balancer checking health with HEAD would fill the
+    log. Placed first, this runs after CommonMiddleware has set Content-Length, which
+    stays the length of the GET answer, as HTTP wants of HEAD.
+    """
+
+    def __init__(self, get_response: Any) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        response: HttpResponseBase = self.get_response(request)
+        if request.method == "HEAD" and isinstance(response, HttpResponse):
+            response.content = b""
+        return response

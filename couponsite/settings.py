@@ -72,6 +72,7 @@ INSTALLED_APPS = [
 # Django's session, CSRF, authentication and message middleware, skipped for the API
 # (couponsite/middleware.py); the admin gets them as usual.
 MIDDLEWARE = [
+    "couponsite.middleware.HeadWithoutBody",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "couponsite.middleware.AdminSessionMiddleware",

@@ -5,11 +5,13 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from django.db import connection
-from django.test import Client
+from django.core.signals import request_finished, request_started
+from django.db import close_old_connections, connection
+from django.test import Client, RequestFactory
 from rest_framework.test import APIClient
 
 from coupons.models import ClaimHistory, Coupon
+from couponsite.wsgi import application
 
 pytestmark = pytest.mark.django_db
 
@@ -377,6 +379,36 @@ def test_details_list_thousands_of_claimants_in_claim_order(api_client: APIClien
     response = api_client.get(details_path("BIG"))
 
     assert response.json()["claimed_by"] == users
+
+
+def test_head_gets_the_headers_of_get_and_no_body() -> None:
+    # Through the WSGI application as gunicorn calls it: Django's test client would
+    # strip the body itself and hide a body left in.
+    Coupon.objects.create(name="PROMO", amount=3, remaining_amount=3)
+
+    def serve(method: str) -> tuple[str, dict[str, str], bytes]:
+        environ = RequestFactory().generic(method, details_path("PROMO")).environ
+        answer: dict[str, Any] = {}
+
+        def start_response(status: str, headers: list[tuple[str, str]]) -> None:
+            answer.update(status=status, headers=dict(headers))
+
+        # As the test client does: keep the test's connection, and its transaction, open.
+        for signal in (request_started, request_finished):
+            signal.disconnect(close_old_connections)
+        try:
+            body = b"".join(application(environ, start_response))
+        finally:
+            for signal in (request_started, request_finished):
+                signal.connect(close_old_connections)
+        return answer["status"], answer["headers"], body
+
+    get_status, get_headers, get_body = serve("GET")
+    head_status, head_headers, head_body = serve("HEAD")
+
+    assert head_status == get_status == "200 OK"
+    assert head_body == b""
+    assert head_headers["Content-Length"] == get_headers["Content-Length"] == str(len(get_body))
 
 
 def test_details_of_a_unicode_name_are_found_percent_encoded(api_client: APIClient) -> None:
