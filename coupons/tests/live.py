@@ -27,6 +27,7 @@ PROJECT_DIR = Path(__file__).resolve().parents[2]
 class Response:
     status: int
     body: Any
+    headers: dict[str, str] = field(default_factory=dict)  # Names in lower case.
 
 
 @dataclass
@@ -52,6 +53,15 @@ class LiveServer:
         body: dict[str, Any] = response.body
         return body
 
+    def connect(self) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout=30)
+
+    def send_raw(self, request: bytes) -> Response:
+        """Send these bytes on a connection of their own; return the answer, JSON parsed."""
+        with self.connect() as connection:
+            connection.sendall(request)
+            return parse_raw(read_until_closed(connection))
+
     def worker_pids(self) -> list[int]:
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
         return [int(pid) for pid in children.read_text().split()]
@@ -64,6 +74,22 @@ def send(connection: http.client.HTTPConnection, method: str, path: str, body: A
     reply = connection.getresponse()
     raw = reply.read()
     return Response(reply.status, json.loads(raw) if raw else None)
+
+
+def read_until_closed(connection: socket.socket) -> bytes:
+    received = b""
+    while chunk := connection.recv(65536):
+        received += chunk
+    return received
+
+
+def parse_raw(response: bytes) -> Response:
+    """Parse an HTTP answer read off a socket, with its body as JSON."""
+    head, _, body = response.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    name_values = (line.split(": ", 1) for line in header_lines)
+    headers = {name.lower(): value for name, value in name_values}
+    return Response(int(status_line.split()[1]), json.loads(body), headers)
 
 
 def free_port() -> int:

@@ -1,7 +1,6 @@
 """Claims sent with a chunked body, through a real gunicorn server."""
 
 import json
-import socket
 import uuid
 from typing import Any
 
@@ -15,13 +14,8 @@ def post_chunked(server: LiveServer, path: str, chunks: list[bytes]) -> tuple[in
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         "Transfer-Encoding: chunked\r\n\r\n"
     ).encode() + encoded
-    with socket.create_connection((server.host, server.port), timeout=30) as connection:
-        connection.sendall(request)
-        response = b""
-        while chunk := connection.recv(65536):
-            response += chunk
-    head, _, body = response.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(body)
+    answer = server.send_raw(request)
+    return answer.status, answer.body
 
 
 def test_a_claim_sent_in_chunks_is_made(sqlite_servers: list[LiveServer]) -> None:
