@@ -58,8 +58,10 @@ class SyncWorker(GunicornSyncWorker):
         status = int(words[1]) if len(words) > 1 and words[1].isdigit() else 400
         if status not in _ERRORS:
             status = 500 if status >= 500 else 400
-        code, message = _ERRORS[status]
-        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        # Imported here: gunicorn's master imports this module before Django is set up.
+        from coupons.errors import error_body
+
+        body = json.dumps(error_body(*_ERRORS[status])).encode()
         head = (
             f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nConnection: close\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
