@@ -3,11 +3,12 @@
 from typing import Any
 
 from django.db import connections, models
-from django.db.models import F, Q
-from django.db.transaction import TransactionManagementError
+from django.db.models import Exists, F, OuterRef, Q
 
-# The locking statement of a claim, per database alias; see CouponQuerySet.lock_stock().
-_lock_statements: dict[str, str] = {}
+# The locking statement of a claim and its parameters, per database alias; see
+# CouponQuerySet.claim_lock(). The two stand-ins mark where a claim's own values go.
+_lock_statements: dict[str, tuple[str, tuple[Any, ...]]] = {}
+_COUPON_ID, _USER_ID, _NAME = -2_000_000_001, "\0user_id", "\0name"
 
 
 def _naming_tables(sql: str) -> str:
@@ -43,32 +44,33 @@ class CouponQuerySet(models.QuerySet["Coupon"]):
         )
         return (row[0], row[1], row[2], bool(row[3])) if row else None
 
-    def lock_stock(self, coupon_id: int) -> int:
-        """Lock a coupon's row until the transaction ends; return its stock left.
+    def claim_lock(self, coupon_id: int, name: str, user_id: str) -> tuple[str, list[Any]]:
+        """Return the statement, and its parameters, that lock a coupon's row for a claim.
 
-        Raises Coupon.DoesNotExist if there is no such coupon. The statement is the one
-        `select_for_update(no_key=True)` builds, built once per process rather than for
-        every claim: building it took four times the CPU of running it (168 against 40 µs),
-        and every claim of a hot coupon waits for it.
+        It reads (remaining_amount, updated_at, held_by_user) of the coupon with this id
+        and name, if there is one, and holds the row's lock until the transaction ends.
+        By id: under a sale's stream of updates the name's index is slower to search
+        (docs/performance.md); the name is checked too, for an id remembered from an
+        earlier look. NO KEY: the row's key is not changed, so foreign-key checks need not
+        wait. It is the statement `select_for_update(no_key=True)` builds, built once per
+        process rather than for every claim: building it took four times the CPU of
+        running it (168 against 40 µs), and every claim of a hot coupon waits for it.
         """
-        connection = connections[self.db]
-        if connection.get_autocommit():
-            # As select_for_update() itself refuses: outside a transaction the lock would
-            # be released as soon as it is taken.
-            raise TransactionManagementError("lock_stock() must run inside a transaction.")
-        statement = _lock_statements.get(self.db)
-        if statement is None:
-            locking = self.select_for_update(no_key=True).filter(pk=0)
-            statement, params = (
-                locking.values_list("remaining_amount").query.get_compiler(using=self.db).as_sql()
+        built = _lock_statements.get(self.db)
+        if built is None:
+            holder = ClaimHistory.objects.filter(coupon=OuterRef("pk"), user_id=_USER_ID)
+            locking = (
+                self.select_for_update(no_key=True)
+                .filter(pk=_COUPON_ID, name=_NAME)
+                .annotate(held=Exists(holder))
+                .values_list("remaining_amount", "updated_at", "held")
             )
-            assert params == (0,), "the coupon id must be the statement's only parameter"
-            _lock_statements[self.db] = statement
-        row = self._one_row(statement, [coupon_id])
-        if row is None:
-            raise Coupon.DoesNotExist()
-        remaining_amount: int = row[0]
-        return remaining_amount
+            statement, params = locking.query.get_compiler(using=self.db).as_sql()
+            assert {_COUPON_ID, _USER_ID, _NAME} <= set(params), params
+            built = _lock_statements[self.db] = (statement, params)
+        statement, params = built
+        filled = {_COUPON_ID: coupon_id, _USER_ID: user_id, _NAME: name}
+        return statement, [filled.get(param, param) for param in params]
 
     def details_json(self, name: str) -> str | None:
         """Return the public details of one coupon as a JSON document, or None.

@@ -49,8 +49,10 @@ def sqlite_servers(sqlite_environment: dict[str, str]) -> Iterator[list[live.Liv
 
 
 @pytest.fixture(autouse=True)
-def forget_sold_out_coupons() -> Iterator[None]:
-    """Each test starts with an empty sold-out memory: its coupons are new."""
+def forget_coupons_seen() -> Iterator[None]:
+    """Each test starts with empty coupon memories: its coupons are new."""
     services.sold_out_memory.clear()
+    services.on_sale_memory.clear()
     yield
     services.sold_out_memory.clear()
+    services.on_sale_memory.clear()

@@ -1,15 +1,16 @@
 """The write paths, called directly: rules, database constraints, and real threads on PostgreSQL."""
 
 import contextlib
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 import pytest
 from django.conf import settings
 from django.db import IntegrityError, OperationalError, connection, transaction
-from django.db.transaction import TransactionManagementError
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -110,8 +111,8 @@ def test_holder_checks_read_the_unique_index_even_on_a_young_table() -> None:
     # the table with its indexes is always that young: autovacuum never analyzes it.
     coupon = services.create_coupon(name="PROMO", amount=50)
     with CaptureQueriesContext(connection) as captured:
-        Coupon.objects.claim_outlook("PROMO", "u3")
-        ClaimHistory.objects.filter(coupon_id=coupon.pk, user_id="u3").exists()
+        # The lock-free look, the claim's lock and the statement that takes a unit.
+        services.claim_coupon(coupon_name="PROMO", user_id="u3")
     claims = ClaimHistory._meta.db_table
     plans = []
     with connection.cursor() as cursor:
@@ -121,13 +122,123 @@ def test_holder_checks_read_the_unique_index_even_on_a_young_table() -> None:
             " SELECT n, %s, 'u' || n, now() FROM generate_series(1, 20) n",
             [coupon.pk],
         )
-        for query in captured.captured_queries:
-            cursor.execute(f"EXPLAIN {query['sql'].replace(claims, 'young')}")
+        holder_checks = [query["sql"] for query in captured if claims in query["sql"]]
+        for sql in holder_checks:
+            cursor.execute(f"EXPLAIN {sql.replace(claims, 'young')}")
             plans.append("\n".join(line for (line,) in cursor.fetchall()))
-    assert len(plans) == 2
+    assert len(plans) == 3
     for plan in plans:
         assert "young_coupon_id_user_id_key" in plan, plan
         assert "young_coupon_id_id_idx" not in plan, plan
+
+
+def waiting_on_the_index() -> bool:
+    """Whether a claim's statement waits for another transaction's claim row."""
+    with connection.cursor() as cursor:
+        # Inside a transaction the statistics views keep their first reading.
+        cursor.execute("SELECT pg_stat_clear_snapshot()")
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND query LIKE '%%WITH taken AS%%'"
+        )
+        (waiting,) = cursor.fetchone()
+    return bool(waiting)
+
+
+@pytest.mark.django_db(transaction=True)
+class TestClaimTransaction:
+    """How a claim reaches PostgreSQL while its coupon is on sale."""
+
+    def test_a_claim_on_sale_skips_the_look_and_takes_the_lock_at_once(self) -> None:
+        services.create_coupon(name="PROMO", amount=5)
+        services.claim_coupon(coupon_name="PROMO", user_id="first")
+        with CaptureQueriesContext(connection) as captured:
+            services.claim_coupon(coupon_name="PROMO", user_id="second")
+        statements = [query["sql"] for query in captured]
+        assert len(statements) == 4, statements
+        assert statements[0] == "BEGIN" and statements[3] == "COMMIT"
+        assert statements[1].endswith("FOR NO KEY UPDATE")
+        assert statements[2].lstrip().startswith("WITH taken AS")
+
+    def test_a_coupon_deleted_during_its_sale_is_not_found_under_the_lock(self) -> None:
+        coupon = services.create_coupon(name="PROMO", amount=5)
+        services.claim_coupon(coupon_name="PROMO", user_id="first")
+        assert services.on_sale_memory.get("PROMO") == coupon.pk
+        coupon.delete()
+
+        with pytest.raises(CouponNotFound):
+            services.claim_coupon(coupon_name="PROMO", user_id="second")
+        assert services.on_sale_memory.get("PROMO") is None
+
+    def test_a_coupon_made_again_under_the_name_of_one_on_sale_is_the_one_claimed(self) -> None:
+        services.create_coupon(name="PROMO", amount=5)
+        services.claim_coupon(coupon_name="PROMO", user_id="first")
+        Coupon.objects.filter(name="PROMO").delete()
+        again = services.create_coupon(name="PROMO", amount=1)
+
+        claim = services.claim_coupon(coupon_name="PROMO", user_id="first")
+
+        assert claim.coupon_id == again.pk
+        again.refresh_from_db()
+        assert (again.remaining_amount, claimants(again)) == (0, ["first"])
+
+    def test_the_lock_the_unit_taken_and_the_commit_leave_in_one_flush(self) -> None:
+        # libpq's trace lists every protocol message in the order sent (F) and received
+        # (B): the COMMIT must be on its way before the lock's answer comes back, so that
+        # no worker needs a CPU while the coupon's row is locked.
+        services.create_coupon(name="PROMO", amount=5)
+        services.claim_coupon(coupon_name="PROMO", user_id="first")
+        pgconn = connection.connection.pgconn
+        with tempfile.TemporaryFile() as trace:
+            pgconn.trace(trace.fileno())
+            pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+            try:
+                services.claim_coupon(coupon_name="PROMO", user_id="second")
+            finally:
+                pgconn.untrace()
+            trace.seek(0)
+            messages = trace.read().decode().splitlines()
+        lock_sent = next(i for i, line in enumerate(messages) if "FOR NO KEY UPDATE" in line)
+        commit_sent = next(i for i, line in enumerate(messages) if '"COMMIT"' in line)
+        first_answer = next(
+            i for i, line in enumerate(messages) if i > lock_sent and line.startswith("B\t")
+        )
+        assert lock_sent < commit_sent < first_answer, messages
+
+    def test_a_claim_row_written_without_the_lock_still_meets_the_unique_index(self) -> None:
+        # Were some code to write a claim without the coupon's lock, the statement taking
+        # the unit could not see it coming; the unique index refuses the second claim, and
+        # the whole transaction, unit included, is rolled back.
+        coupon = services.create_coupon(name="PROMO", amount=5)
+        services.claim_coupon(coupon_name="PROMO", user_id="first")
+        written = threading.Event()
+        answers: list[object] = []
+
+        def stray_writer() -> None:
+            with transaction.atomic():
+                ClaimHistory.objects.create(coupon=coupon, user_id="u")
+                written.set()
+                # Commit only once the claim below waits on the unique index.
+                deadline = time.monotonic() + 10
+                while not (waiting := waiting_on_the_index()) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert waiting, "the claim never waited on the unique index"
+
+        def claimer() -> None:
+            written.wait(10)
+            try:
+                services.claim_coupon(coupon_name="PROMO", user_id="u")
+            except AlreadyClaimed as refused:
+                answers.append(refused)
+            # The connection is fit for the next claim.
+            answers.append(services.claim_coupon(coupon_name="PROMO", user_id="after").user_id)
+
+        outcomes = in_threads(2, lambda index: [stray_writer, claimer][index]())
+
+        assert outcomes == [None, None]
+        assert [type(answer) for answer in answers] == [AlreadyClaimed, str]
+        coupon.refresh_from_db()
+        assert (coupon.remaining_amount, claimants(coupon)) == (3, ["first", "u", "after"])
 
 
 def in_threads(count: int, action: Callable[[int], object]) -> list[BaseException | None]:
@@ -153,24 +264,30 @@ def in_threads(count: int, action: Callable[[int], object]) -> list[BaseExceptio
 
 
 @pytest.mark.django_db(transaction=True)
-def test_lock_stock_holds_the_coupon_row_until_the_transaction_ends() -> None:
+def test_the_claim_lock_statement_holds_the_coupon_row_until_the_transaction_ends() -> None:
     coupon = services.create_coupon(name="PROMO", amount=3)
+    services.claim_coupon(coupon_name="PROMO", user_id="holder")
 
     def rival_claims_lock(_: int) -> None:
         with transaction.atomic():
             Coupon.objects.select_for_update(no_key=True, nowait=True).get(pk=coupon.pk)
 
+    def lock(coupon_id: int, name: str, user_id: str) -> Any:
+        with connection.cursor() as cursor:
+            cursor.execute(*Coupon.objects.claim_lock(coupon_id, name, user_id))
+            return cursor.fetchone()
+
     with transaction.atomic():
-        assert Coupon.objects.lock_stock(coupon.pk) == 3
+        held_by_holder = lock(coupon.pk, "PROMO", "holder")
         (while_held,) = in_threads(1, rival_claims_lock)
-        with pytest.raises(Coupon.DoesNotExist):
-            Coupon.objects.lock_stock(coupon.pk + 1)
+        assert lock(coupon.pk, "OTHER", "holder") is None
+        assert lock(coupon.pk + 1, "PROMO", "holder") is None
+        assert lock(coupon.pk, "PROMO", "someone else")[2] is False
+    coupon.refresh_from_db()
+    assert held_by_holder == (2, coupon.updated_at, True)
     assert isinstance(while_held, OperationalError)
     assert "could not obtain lock" in str(while_held)
     assert in_threads(1, rival_claims_lock) == [None]
-    # Outside a transaction the lock would not outlive the statement: refused.
-    with pytest.raises(TransactionManagementError):
-        Coupon.objects.lock_stock(coupon.pk)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -227,10 +344,10 @@ class TestConcurrentServiceCalls:
         self,
     ) -> None:
         coupon = services.create_coupon(name="PROMO", amount=1)
-        lock_stock = Coupon.objects.lock_stock
+        claim_lock = Coupon.objects.claim_lock
         rivals: list[BaseException | None] = []
 
-        def rival_commits_first(coupon_id: int) -> int:
+        def rival_commits_first(coupon_id: int, name: str, user_id: str) -> tuple[str, list[Any]]:
             # The same user's other request takes the last unit between this one's
             # lock-free check and its lock.
             if not rivals:
@@ -238,10 +355,10 @@ class TestConcurrentServiceCalls:
                 rivals[:] = in_threads(
                     1, lambda _: services.claim_coupon(coupon_name="PROMO", user_id="u")
                 )
-            return lock_stock(coupon_id)
+            return claim_lock(coupon_id, name, user_id)
 
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(Coupon.objects, "lock_stock", rival_commits_first)
+            patch.setattr(Coupon.objects, "claim_lock", rival_commits_first)
             with pytest.raises(AlreadyClaimed):
                 services.claim_coupon(coupon_name="PROMO", user_id="u")
 
@@ -258,7 +375,7 @@ class TestSoldOutMemory:
     def sold_out(self) -> Coupon:
         coupon = services.create_coupon(name="PROMO", amount=1)
         services.claim_coupon(coupon_name="PROMO", user_id="holder")
-        with pytest.raises(OutOfStock):  # This look at the database is remembered.
+        with pytest.raises(OutOfStock):  # This answer from the database is remembered.
             services.claim_coupon(coupon_name="PROMO", user_id="first-loser")
         return coupon
 
@@ -321,6 +438,8 @@ class TestSoldOutMemory:
         settings.SOLD_OUT_MEMORY_SECONDS = 0
         services.create_coupon(name="PROMO", amount=1)
         services.claim_coupon(coupon_name="PROMO", user_id="holder")
+        with pytest.raises(OutOfStock):  # Sold out, as seen under the lock.
+            services.claim_coupon(coupon_name="PROMO", user_id="first-loser")
 
         for _ in range(2):
             with django_assert_num_queries(1), pytest.raises(OutOfStock):
