@@ -3,12 +3,10 @@
 from typing import Any
 
 from django.db import connections, models
-from django.db.models import Exists, F, OuterRef, Q
+from django.db.models import F, Q
 
-# The locking statement of a claim and its parameters, per database alias; see
-# CouponQuerySet.claim_lock(). The two stand-ins mark where a claim's own values go.
-_lock_statements: dict[str, tuple[str, tuple[Any, ...]]] = {}
-_COUPON_ID, _USER_ID, _NAME = -2_000_000_001, "\0user_id", "\0name"
+# The locking statement of a claim, per database alias; see CouponQuerySet.claim_lock().
+_lock_statements: dict[str, str] = {}
 
 
 def _naming_tables(sql: str) -> str:
@@ -44,33 +42,63 @@ class CouponQuerySet(models.QuerySet["Coupon"]):
         )
         return (row[0], row[1], row[2], bool(row[3])) if row else None
 
-    def claim_lock(self, coupon_id: int, name: str, user_id: str) -> tuple[str, list[Any]]:
+    def claim_lock(self, coupon_id: int) -> tuple[str, list[Any]]:
         """Return the statement, and its parameters, that lock a coupon's row for a claim.
 
-        It reads (remaining_amount, updated_at, held_by_user) of the coupon with this id
-        and name, if there is one, and holds the row's lock until the transaction ends.
-        By id: under a sale's stream of updates the name's index is slower to search
-        (docs/performance.md); the name is checked too, for an id remembered from an
-        earlier look. NO KEY: the row's key is not changed, so foreign-key checks need not
-        wait. It is the statement `select_for_update(no_key=True)` builds, built once per
-        process rather than for every claim: building it took four times the CPU of
-        running it (168 against 40 µs), and every claim of a hot coupon waits for it.
+        It reads (remaining_amount, updated_at) of the coupon, if there is one, and holds
+        the row's lock until the transaction ends. By id, not name: under a sale's stream
+        of updates, searching the name's index doubled PostgreSQL's CPU per claim
+        (docs/performance.md). NO KEY: the row's key is not changed, so foreign-key checks
+        need not wait. It is the statement `select_for_update(no_key=True)` builds, built
+        once per process rather than for every claim: building it took four times the CPU
+        of running it (168 against 40 µs), and every claim of a hot coupon waits for it.
         """
-        built = _lock_statements.get(self.db)
-        if built is None:
-            holder = ClaimHistory.objects.filter(coupon=OuterRef("pk"), user_id=_USER_ID)
-            locking = (
-                self.select_for_update(no_key=True)
-                .filter(pk=_COUPON_ID, name=_NAME)
-                .annotate(held=Exists(holder))
-                .values_list("remaining_amount", "updated_at", "held")
+        statement = _lock_statements.get(self.db)
+        if statement is None:
+            locking = self.select_for_update(no_key=True).filter(pk=0)
+            statement, params = (
+                locking.values_list("remaining_amount", "updated_at")
+                .query.get_compiler(using=self.db)
+                .as_sql()
             )
-            statement, params = locking.query.get_compiler(using=self.db).as_sql()
-            assert {_COUPON_ID, _USER_ID, _NAME} <= set(params), params
-            built = _lock_statements[self.db] = (statement, params)
-        statement, params = built
-        filled = {_COUPON_ID: coupon_id, _USER_ID: user_id, _NAME: name}
-        return statement, [filled.get(param, param) for param in params]
+            assert params == (0,), "the coupon id must be the statement's only parameter"
+            _lock_statements[self.db] = statement
+        return statement, [coupon_id]
+
+    def take_one_unit(self, coupon_id: int, user_id: str) -> tuple[str, list[Any]]:
+        """Return the statement, and its parameters, that takes one unit for a claim.
+
+        PostgreSQL only; the rest of a claim's transaction after claim_lock(). It takes a
+        unit only if stock is left and the user holds none, records the claim, and reads
+        (remaining_amount, updated_at, held_by_user, claim id, claimed_at) of the coupon as
+        it stood before, for the answer; no row if there is no such coupon. Run after the
+        lock, its snapshot sees every claim committed before. It is safe even without that
+        lock: the UPDATE locks the row itself and checks the stock again if it had to wait,
+        and the unique (coupon, user_id) index refuses a second claim its check could not
+        see. The claim's id and time are taken under the lock, so ids follow commit order
+        and claimed_by only ever grows at its end.
+        """
+        sql = """
+            WITH taken AS (
+                UPDATE {coupon} c
+                SET remaining_amount = c.remaining_amount - 1, updated_at = clock_timestamp()
+                WHERE c.id = %s AND c.remaining_amount > 0 AND NOT EXISTS (
+                    SELECT 1 FROM {claim} h WHERE h.coupon_id = c.id AND h.user_id = %s
+                )
+                RETURNING c.id, c.updated_at
+            ), claim AS (
+                INSERT INTO {claim} (coupon_id, user_id, claimed_at)
+                SELECT id, %s, updated_at FROM taken
+                RETURNING id, claimed_at
+            )
+            SELECT c.remaining_amount, c.updated_at, EXISTS (
+                    SELECT 1 FROM {claim} h WHERE h.coupon_id = c.id AND h.user_id = %s
+                ),
+                (SELECT id FROM claim), (SELECT claimed_at FROM claim)
+            FROM {coupon} c WHERE c.id = %s
+        """
+        params = [coupon_id, user_id, user_id, user_id, coupon_id]
+        return _naming_tables(sql), params
 
     def details_json(self, name: str) -> str | None:
         """Return the public details of one coupon as a JSON document, or None.

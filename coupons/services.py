@@ -2,6 +2,7 @@
 
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
@@ -101,7 +102,9 @@ class OnSaleMemory:
     that far, and the look cost each one more round trip and a search of the name's
     index. Only the route is taken from here, never an answer. A claim that finds the
     coupon sold out or gone drops its entry, so that refusals go back to being answered
-    without the lock.
+    without the lock. An id names the same coupon for as long as it exists: a coupon's
+    name is fixed once created (the admin shows it read-only; the API has no rename), and
+    ids are never reused, so a coupon deleted and made again under its name is a new id.
     """
 
     max_coupons = 256
@@ -155,9 +158,9 @@ def claim_coupon(*, coupon_name: str, user_id: str) -> ClaimHistory:
 
     try:
         if connection.vendor == "postgresql":
-            locked, claim = _take_one_unit_in_one_flush(coupon_id, coupon_name, user_id)
+            locked, claim = _take_one_unit_without_waiting(coupon_id, user_id)
         else:
-            locked, claim = _take_one_unit(coupon_id, coupon_name, user_id)
+            locked, claim = _take_one_unit(coupon_id, user_id)
     except IntegrityError:
         # Caught outside the atomic block, whose transaction is already rolled back. Only
         # a claim row written without the coupon's lock could get here: the unique
@@ -167,83 +170,54 @@ def claim_coupon(*, coupon_name: str, user_id: str) -> ClaimHistory:
         raise
     if claim is not None:
         return claim
-    # The checks again, as they stood under the lock. A user who holds the coupon hears
-    # that first, even once it is sold out, as the contract orders the checks.
-    if locked is not None and locked[2]:
-        raise AlreadyClaimed()
-    on_sale_memory.discard(coupon_name)
     if locked is None:
+        on_sale_memory.discard(coupon_name)
         if remembered:
             # Deleted since this process looked, and perhaps made again under the name.
             return claim_coupon(coupon_name=coupon_name, user_id=user_id)
         raise CouponNotFound()
-    # Neither a holder nor a claim: no stock was left.
-    sold_out_memory.remember(coupon_name, coupon_id, version=locked[1])
+    # The checks again, as they stood under the lock.
+    if locked.remaining_amount == 0:
+        on_sale_memory.discard(coupon_name)
+        sold_out_memory.remember(coupon_name, coupon_id, locked.version)
+    # A user who holds the coupon hears that first, as the contract orders the checks.
+    if locked.held:
+        raise AlreadyClaimed()
     raise OutOfStock()
 
 
-# What a claim's transaction read under the coupon's row lock: (remaining_amount,
-# updated_at, held_by_user) of the coupon, or None if there is none.
-LockedCoupon = tuple[int, object, bool] | None
+class LockedCoupon(NamedTuple):
+    """A coupon as a claim's transaction read it under the coupon's row lock."""
 
-# The rest of a claim's transaction on PostgreSQL, sent together with the lock statement,
-# before its answer is known. It takes one unit only if stock is left and the user holds
-# none, and then records the claim; it reads the coupon as it stood before, for the
-# answer. Sent after the lock, it reads with a snapshot taken once the lock is held, so
-# it sees every claim committed before. It is safe even without that lock: the UPDATE
-# locks the row itself and checks the stock again if it had to wait, and the unique
-# (coupon, user_id) index refuses a second claim that its check could not see. The
-# claim's id and time are taken under the lock, so ids follow commit order and
-# claimed_by only ever grows at its end. Parameters: coupon id, name, user id (3 times),
-# coupon id, name.
-_TAKE_ONE_UNIT = f"""
-    WITH taken AS (
-        UPDATE {Coupon._meta.db_table} c
-        SET remaining_amount = c.remaining_amount - 1, updated_at = clock_timestamp()
-        WHERE c.id = %s AND c.name = %s AND c.remaining_amount > 0 AND NOT EXISTS (
-            SELECT 1 FROM {ClaimHistory._meta.db_table} h
-            WHERE h.coupon_id = c.id AND h.user_id = %s
-        )
-        RETURNING c.id, c.updated_at
-    ), claim AS (
-        INSERT INTO {ClaimHistory._meta.db_table} (coupon_id, user_id, claimed_at)
-        SELECT id, %s, updated_at FROM taken
-        RETURNING id, claimed_at
-    )
-    SELECT c.remaining_amount, c.updated_at, EXISTS (
-            SELECT 1 FROM {ClaimHistory._meta.db_table} h
-            WHERE h.coupon_id = c.id AND h.user_id = %s
-        ),
-        (SELECT id FROM claim), (SELECT claimed_at FROM claim)
-    FROM {Coupon._meta.db_table} c WHERE c.id = %s AND c.name = %s
-"""
+    remaining_amount: int
+    version: object  # updated_at, as SoldOutMemory compares it
+    held: bool  # by the claiming user
 
 
-def _take_one_unit_in_one_flush(
-    coupon_id: int, coupon_name: str, user_id: str
-) -> tuple[LockedCoupon, ClaimHistory | None]:
-    """A claim's transaction on PostgreSQL: the lock, _TAKE_ONE_UNIT and COMMIT in one flush.
+def _take_one_unit_without_waiting(
+    coupon_id: int, user_id: str
+) -> tuple[LockedCoupon | None, ClaimHistory | None]:
+    """A claim's transaction on PostgreSQL, its statements sent without waiting for answers.
 
-    In psycopg's pipeline mode, once BEGIN has gone ahead on its own, the three leave
-    together and their answers are read after the COMMIT: no worker has to get a CPU
-    back while the row lock is held, so the lock lasts only as long as PostgreSQL takes
-    to run them (docs/performance.md). It is still Django's atomic block around a
-    select_for_update() statement; an error in any statement rolls the transaction back
-    whole and is raised as usual.
+    In psycopg's pipeline mode, once BEGIN has gone ahead on its own, the lock, the
+    statement that takes the unit and the COMMIT are sent one after the other, and their
+    answers are read after the COMMIT: no worker has to be woken and get a CPU back while
+    the row lock is held, so the lock lasts about as long as PostgreSQL takes to run them
+    (docs/performance.md). It is still Django's atomic block around a select_for_update()
+    statement; an error in any statement rolls the transaction back whole and is raised as
+    usual. Durable: inside a caller's transaction an error would surface only as the
+    pipeline closed, behind Django's back.
     """
     connection.ensure_connection()
-    with connection.cursor() as lock, connection.cursor() as take:
-        with connection.connection.pipeline(), transaction.atomic():
-            lock.execute(*Coupon.objects.claim_lock(coupon_id, coupon_name, user_id))
-            take.execute(
-                _TAKE_ONE_UNIT,
-                [coupon_id, coupon_name, user_id, user_id, user_id, coupon_id, coupon_name],
-            )
+    with connection.wrap_database_errors, connection.cursor() as lock, connection.cursor() as take:
+        with connection.connection.pipeline(), transaction.atomic(durable=True):
+            lock.execute(*Coupon.objects.claim_lock(coupon_id))
+            take.execute(*Coupon.objects.take_one_unit(coupon_id, user_id))
         row = take.fetchone()
     if row is None:
         return None, None
     remaining_amount, version, held, claim_id, claimed_at = row
-    locked = (remaining_amount, version, held)
+    locked = LockedCoupon(remaining_amount, version, held)
     if claim_id is None:
         return locked, None
     return locked, ClaimHistory(
@@ -251,23 +225,21 @@ def _take_one_unit_in_one_flush(
     )
 
 
-def _take_one_unit(
-    coupon_id: int, coupon_name: str, user_id: str
-) -> tuple[LockedCoupon, ClaimHistory | None]:
+def _take_one_unit(coupon_id: int, user_id: str) -> tuple[LockedCoupon | None, ClaimHistory | None]:
     """A claim's transaction step by step, on databases without pipelining (SQLite).
 
     SQLite's statements cost no network round trip, and its IMMEDIATE transactions take
-    the database's write lock as they begin (settings.py).
+    the database's write lock as they begin (settings.py), so what they read is current.
     """
-    with transaction.atomic():
+    with transaction.atomic(durable=True):
         with connection.cursor() as cursor:
-            cursor.execute(*Coupon.objects.claim_lock(coupon_id, coupon_name, user_id))
+            cursor.execute(*Coupon.objects.claim_lock(coupon_id))
             row = cursor.fetchone()
         if row is None:
             return None, None
-        locked = (row[0], row[1], bool(row[2]))
-        remaining_amount, _, held = locked
-        if held or remaining_amount == 0:
+        held = ClaimHistory.objects.filter(coupon_id=coupon_id, user_id=user_id).exists()
+        locked = LockedCoupon(remaining_amount=row[0], version=row[1], held=held)
+        if held or locked.remaining_amount == 0:
             return locked, None
         claim = ClaimHistory.objects.create(coupon_id=coupon_id, user_id=user_id)
         Coupon.objects.filter(pk=coupon_id).update(

@@ -111,7 +111,7 @@ def test_holder_checks_read_the_unique_index_even_on_a_young_table() -> None:
     # the table with its indexes is always that young: autovacuum never analyzes it.
     coupon = services.create_coupon(name="PROMO", amount=50)
     with CaptureQueriesContext(connection) as captured:
-        # The lock-free look, the claim's lock and the statement that takes a unit.
+        # The lock-free look, and the statement that takes a unit under the lock.
         services.claim_coupon(coupon_name="PROMO", user_id="u3")
     claims = ClaimHistory._meta.db_table
     plans = []
@@ -126,7 +126,7 @@ def test_holder_checks_read_the_unique_index_even_on_a_young_table() -> None:
         for sql in holder_checks:
             cursor.execute(f"EXPLAIN {sql.replace(claims, 'young')}")
             plans.append("\n".join(line for (line,) in cursor.fetchall()))
-    assert len(plans) == 3
+    assert len(plans) == 2
     for plan in plans:
         assert "young_coupon_id_user_id_key" in plan, plan
         assert "young_coupon_id_id_idx" not in plan, plan
@@ -182,7 +182,9 @@ class TestClaimTransaction:
         again.refresh_from_db()
         assert (again.remaining_amount, claimants(again)) == (0, ["first"])
 
-    def test_the_lock_the_unit_taken_and_the_commit_leave_in_one_flush(self) -> None:
+    def test_the_lock_the_unit_taken_and_the_commit_are_sent_before_any_answer_is_read(
+        self,
+    ) -> None:
         # libpq's trace lists every protocol message in the order sent (F) and received
         # (B): the COMMIT must be on its way before the lock's answer comes back, so that
         # no worker needs a CPU while the coupon's row is locked.
@@ -204,6 +206,43 @@ class TestClaimTransaction:
             i for i, line in enumerate(messages) if i > lock_sent and line.startswith("B\t")
         )
         assert lock_sent < commit_sent < first_answer, messages
+
+    def test_a_lock_timeout_is_a_database_error_and_the_connection_claims_on(self) -> None:
+        coupon = services.create_coupon(name="PROMO", amount=5)
+        services.claim_coupon(coupon_name="PROMO", user_id="first")
+        locked = threading.Event()
+        release = threading.Event()
+
+        def hold_the_row(_: int) -> None:
+            with transaction.atomic():
+                Coupon.objects.select_for_update().get(pk=coupon.pk)
+                locked.set()
+                release.wait(10)
+
+        holder = threading.Thread(target=in_threads, args=(1, hold_the_row))
+        holder.start()
+        try:
+            assert locked.wait(10)
+            with connection.cursor() as cursor:
+                cursor.execute("SET lock_timeout = '100ms'")
+            with pytest.raises(OperationalError, match="lock timeout"):
+                services.claim_coupon(coupon_name="PROMO", user_id="second")
+        finally:
+            release.set()
+            holder.join()
+            with connection.cursor() as cursor:
+                cursor.execute("RESET lock_timeout")
+
+        assert services.claim_coupon(coupon_name="PROMO", user_id="second").user_id == "second"
+        coupon.refresh_from_db()
+        assert (coupon.remaining_amount, claimants(coupon)) == (3, ["first", "second"])
+
+    def test_a_claim_inside_a_callers_transaction_is_refused(self) -> None:
+        services.create_coupon(name="PROMO", amount=5)
+        services.claim_coupon(coupon_name="PROMO", user_id="first")
+
+        with transaction.atomic(), pytest.raises(RuntimeError, match="durable"):
+            services.claim_coupon(coupon_name="PROMO", user_id="second")
 
     def test_a_claim_row_written_without_the_lock_still_meets_the_unique_index(self) -> None:
         # Were some code to write a claim without the coupon's lock, the statement taking
@@ -272,19 +311,17 @@ def test_the_claim_lock_statement_holds_the_coupon_row_until_the_transaction_end
         with transaction.atomic():
             Coupon.objects.select_for_update(no_key=True, nowait=True).get(pk=coupon.pk)
 
-    def lock(coupon_id: int, name: str, user_id: str) -> Any:
+    def lock(coupon_id: int) -> Any:
         with connection.cursor() as cursor:
-            cursor.execute(*Coupon.objects.claim_lock(coupon_id, name, user_id))
+            cursor.execute(*Coupon.objects.claim_lock(coupon_id))
             return cursor.fetchone()
 
     with transaction.atomic():
-        held_by_holder = lock(coupon.pk, "PROMO", "holder")
+        locked = lock(coupon.pk)
         (while_held,) = in_threads(1, rival_claims_lock)
-        assert lock(coupon.pk, "OTHER", "holder") is None
-        assert lock(coupon.pk + 1, "PROMO", "holder") is None
-        assert lock(coupon.pk, "PROMO", "someone else")[2] is False
+        assert lock(coupon.pk + 1) is None
     coupon.refresh_from_db()
-    assert held_by_holder == (2, coupon.updated_at, True)
+    assert locked == (2, coupon.updated_at)
     assert isinstance(while_held, OperationalError)
     assert "could not obtain lock" in str(while_held)
     assert in_threads(1, rival_claims_lock) == [None]
@@ -307,13 +344,28 @@ class TestConcurrentServiceCalls:
         assert coupon.remaining_amount == 0
         assert len(claimants(coupon)) == 5
 
-    def test_concurrent_claims_by_one_user_give_one_unit(self) -> None:
+    def test_concurrent_claims_by_one_user_give_one_unit(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         coupon = services.create_coupon(name="PROMO", amount=10)
+        # The claim's own checks under the lock refuse the repeats, not the unique index.
+        take = services._take_one_unit_without_waiting
+        refused_by_the_index: list[IntegrityError] = []
+
+        def watched_take(*args: Any) -> Any:
+            try:
+                return take(*args)
+            except IntegrityError as refused:
+                refused_by_the_index.append(refused)
+                raise
+
+        monkeypatch.setattr(services, "_take_one_unit_without_waiting", watched_take)
 
         outcomes = in_threads(
             10, lambda index: services.claim_coupon(coupon_name="PROMO", user_id="same")
         )
 
+        assert refused_by_the_index == []
         assert outcomes.count(None) == 1
         assert all(isinstance(outcome, AlreadyClaimed) for outcome in outcomes if outcome)
         coupon.refresh_from_db()
@@ -347,7 +399,7 @@ class TestConcurrentServiceCalls:
         claim_lock = Coupon.objects.claim_lock
         rivals: list[BaseException | None] = []
 
-        def rival_commits_first(coupon_id: int, name: str, user_id: str) -> tuple[str, list[Any]]:
+        def rival_commits_first(coupon_id: int) -> tuple[str, list[Any]]:
             # The same user's other request takes the last unit between this one's
             # lock-free check and its lock.
             if not rivals:
@@ -355,7 +407,7 @@ class TestConcurrentServiceCalls:
                 rivals[:] = in_threads(
                     1, lambda _: services.claim_coupon(coupon_name="PROMO", user_id="u")
                 )
-            return claim_lock(coupon_id, name, user_id)
+            return claim_lock(coupon_id)
 
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(Coupon.objects, "claim_lock", rival_commits_first)
