@@ -182,6 +182,16 @@ class TestClaimTransaction:
         again.refresh_from_db()
         assert (again.remaining_amount, claimants(again)) == (0, ["first"])
 
+    def test_the_on_sale_memory_keeps_the_latest_coupons_only(self) -> None:
+        memory = services.OnSaleMemory()
+        for index in range(memory.max_coupons + 1):
+            memory.add(f"coupon-{index}", index)
+        memory.add("coupon-1", 1)  # Known already: nothing else is dropped.
+
+        assert memory.get("coupon-0") is None
+        assert (memory.get("coupon-1"), memory.get("coupon-2")) == (1, 2)
+        assert memory.get(f"coupon-{memory.max_coupons}") == memory.max_coupons
+
     def test_the_lock_the_unit_taken_and_the_commit_are_sent_before_any_answer_is_read(
         self,
     ) -> None:
