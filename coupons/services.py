@@ -213,6 +213,7 @@ def _take_one_unit_without_waiting(
         with connection.connection.pipeline(), transaction.atomic(durable=True):
             lock.execute(*Coupon.objects.claim_lock(coupon_id))
             take.execute(*Coupon.objects.take_one_unit(coupon_id, user_id))
+        # The lock's own answer is not needed: the take statement read the row under it.
         row = take.fetchone()
     if row is None:
         return None, None
