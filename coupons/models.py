@@ -45,7 +45,7 @@ class CouponQuerySet(models.QuerySet["Coupon"]):
     def claim_lock(self, coupon_id: int) -> tuple[str, list[Any]]:
         """Return the statement, and its parameters, that lock a coupon's row for a claim.
 
-        It reads (remaining_amount, updated_at) of the coupon, if there is one, and holds
+        It reads (remaining_amount, updated_at, name) of the coupon, if there is one, and holds
         the row's lock until the transaction ends. By id, not name: under a sale's stream
         of updates, searching the name's index doubled PostgreSQL's CPU per claim
         (docs/performance.md). NO KEY: the row's key is not changed, so foreign-key checks
@@ -57,7 +57,7 @@ class CouponQuerySet(models.QuerySet["Coupon"]):
         if statement is None:
             locking = self.select_for_update(no_key=True).filter(pk=0)
             statement, params = (
-                locking.values_list("remaining_amount", "updated_at")
+                locking.values_list("remaining_amount", "updated_at", "name")
                 .query.get_compiler(using=self.db)
                 .as_sql()
             )
@@ -65,13 +65,16 @@ class CouponQuerySet(models.QuerySet["Coupon"]):
             _lock_statements[self.db] = statement
         return statement, [coupon_id]
 
-    def take_one_unit(self, coupon_id: int, user_id: str) -> tuple[str, list[Any]]:
+    def take_one_unit(self, coupon_id: int, name: str, user_id: str) -> tuple[str, list[Any]]:
         """Return the statement, and its parameters, that takes one unit for a claim.
 
         PostgreSQL only; the rest of a claim's transaction after claim_lock(). It takes a
         unit only if stock is left and the user holds none, records the claim, and reads
         (remaining_amount, updated_at, held_by_user, claim id, claimed_at) of the coupon as
-        it stood before, for the answer; no row if there is no such coupon. Run after the
+        it stood before, for the answer; no row if there is no coupon with this id and
+        name. The name is compared in a form no index serves (IS NOT DISTINCT FROM), so
+        the row is still found through its id: searching the name's index under a sale's
+        updates doubled PostgreSQL's CPU per claim (docs/performance.md). Run after the
         lock, its snapshot sees every claim committed before. It is safe even without that
         lock: the UPDATE locks the row itself and checks the stock again if it had to wait,
         and the unique (coupon, user_id) index refuses a second claim its check could not
@@ -82,7 +85,8 @@ class CouponQuerySet(models.QuerySet["Coupon"]):
             WITH taken AS (
                 UPDATE {coupon} c
                 SET remaining_amount = c.remaining_amount - 1, updated_at = clock_timestamp()
-                WHERE c.id = %s AND c.remaining_amount > 0 AND NOT EXISTS (
+                WHERE c.id = %s AND c.name IS NOT DISTINCT FROM %s
+                    AND c.remaining_amount > 0 AND NOT EXISTS (
                     SELECT 1 FROM {claim} h WHERE h.coupon_id = c.id AND h.user_id = %s
                 )
                 RETURNING c.id, c.updated_at
@@ -95,9 +99,9 @@ class CouponQuerySet(models.QuerySet["Coupon"]):
                     SELECT 1 FROM {claim} h WHERE h.coupon_id = c.id AND h.user_id = %s
                 ),
                 (SELECT id FROM claim), (SELECT claimed_at FROM claim)
-            FROM {coupon} c WHERE c.id = %s
+            FROM {coupon} c WHERE c.id = %s AND c.name IS NOT DISTINCT FROM %s
         """
-        params = [coupon_id, user_id, user_id, user_id, coupon_id]
+        params = [coupon_id, name, user_id, user_id, user_id, coupon_id, name]
         return _naming_tables(sql), params
 
     def details_json(self, name: str) -> str | None:

@@ -1,8 +1,10 @@
 """The write paths of the product. The API, the admin and the commands all go through here."""
 
+import contextlib
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
@@ -28,6 +30,16 @@ def create_coupon(*, name: str, amount: int) -> Coupon:
         if Coupon.objects.filter(name=name).exists():
             raise CouponExists() from None
         raise
+
+
+def _drop_oldest(entries: OrderedDict[str, Any]) -> None:
+    """Drop the oldest entry of a bounded per-process memory.
+
+    popitem() runs in C, so a worker's other threads (GUNICORN_THREADS) cannot change
+    the dict halfway through it, as they could between iter() and pop().
+    """
+    with contextlib.suppress(KeyError):  # Another thread emptied it first.
+        entries.popitem(last=False)
 
 
 @dataclass(frozen=True)
@@ -56,7 +68,7 @@ class SoldOutMemory:
     max_claimants = 100_000
 
     def __init__(self) -> None:
-        self._coupons: dict[str, SoldOutCoupon] = {}
+        self._coupons: OrderedDict[str, SoldOutCoupon] = OrderedDict()
 
     def answer(self, coupon_name: str, user_id: str) -> None:
         """Raise AlreadyClaimed or OutOfStock if the coupon is known to be sold out."""
@@ -77,8 +89,7 @@ class SoldOutMemory:
                 return
             claimants = frozenset(user_id for (user_id,) in holders)
         if coupon_name not in self._coupons and len(self._coupons) >= self.max_coupons:
-            # Drop the oldest entry; pop() tolerates another thread dropping it first.
-            self._coupons.pop(next(iter(self._coupons), ""), None)
+            _drop_oldest(self._coupons)
         self._coupons[coupon_name] = SoldOutCoupon(coupon_id, version, claimants, time.monotonic())
 
     def forget(self, coupon_id: int) -> None:
@@ -102,22 +113,22 @@ class OnSaleMemory:
     that far, and the look cost each one more round trip and a search of the name's
     index. Only the route is taken from here, never an answer. A claim that finds the
     coupon sold out or gone drops its entry, so that refusals go back to being answered
-    without the lock. An id names the same coupon for as long as it exists: a coupon's
-    name is fixed once created (the admin shows it read-only; the API has no rename), and
-    ids are never reused, so a coupon deleted and made again under its name is a new id.
+    without the lock. The claim's transaction checks the name on the row it finds by id:
+    a coupon deleted since, or an id given to another coupon after its sequence was reset,
+    counts as gone, and the claim looks again.
     """
 
     max_coupons = 256
 
     def __init__(self) -> None:
-        self._ids: dict[str, int] = {}
+        self._ids: OrderedDict[str, int] = OrderedDict()
 
     def get(self, coupon_name: str) -> int | None:
         return self._ids.get(coupon_name)
 
     def add(self, coupon_name: str, coupon_id: int) -> None:
         if coupon_name not in self._ids and len(self._ids) >= self.max_coupons:
-            self._ids.pop(next(iter(self._ids), ""), None)
+            _drop_oldest(self._ids)
         self._ids[coupon_name] = coupon_id
 
     def discard(self, coupon_name: str) -> None:
@@ -158,9 +169,9 @@ def claim_coupon(*, coupon_name: str, user_id: str) -> ClaimHistory:
 
     try:
         if connection.vendor == "postgresql":
-            locked, claim = _take_one_unit_without_waiting(coupon_id, user_id)
+            locked, claim = _take_one_unit_without_waiting(coupon_id, coupon_name, user_id)
         else:
-            locked, claim = _take_one_unit(coupon_id, user_id)
+            locked, claim = _take_one_unit(coupon_id, coupon_name, user_id)
     except IntegrityError:
         # Caught outside the atomic block, whose transaction is already rolled back. Only
         # a claim row written without the coupon's lock could get here: the unique
@@ -173,7 +184,7 @@ def claim_coupon(*, coupon_name: str, user_id: str) -> ClaimHistory:
     if locked is None:
         on_sale_memory.discard(coupon_name)
         if remembered:
-            # Deleted since this process looked, and perhaps made again under the name.
+            # Deleted since this process looked (and perhaps made again under its name).
             return claim_coupon(coupon_name=coupon_name, user_id=user_id)
         raise CouponNotFound()
     # The checks again, as they stood under the lock.
@@ -195,7 +206,7 @@ class LockedCoupon(NamedTuple):
 
 
 def _take_one_unit_without_waiting(
-    coupon_id: int, user_id: str
+    coupon_id: int, coupon_name: str, user_id: str
 ) -> tuple[LockedCoupon | None, ClaimHistory | None]:
     """A claim's transaction on PostgreSQL, its statements sent without waiting for answers.
 
@@ -212,7 +223,7 @@ def _take_one_unit_without_waiting(
     with connection.wrap_database_errors, connection.cursor() as lock, connection.cursor() as take:
         with connection.connection.pipeline(), transaction.atomic(durable=True):
             lock.execute(*Coupon.objects.claim_lock(coupon_id))
-            take.execute(*Coupon.objects.take_one_unit(coupon_id, user_id))
+            take.execute(*Coupon.objects.take_one_unit(coupon_id, coupon_name, user_id))
         # The lock's own answer is not needed: the take statement read the row under it.
         row = take.fetchone()
     if row is None:
@@ -226,7 +237,9 @@ def _take_one_unit_without_waiting(
     )
 
 
-def _take_one_unit(coupon_id: int, user_id: str) -> tuple[LockedCoupon | None, ClaimHistory | None]:
+def _take_one_unit(
+    coupon_id: int, coupon_name: str, user_id: str
+) -> tuple[LockedCoupon | None, ClaimHistory | None]:
     """A claim's transaction step by step, on databases without pipelining (SQLite).
 
     SQLite's statements cost no network round trip, and its IMMEDIATE transactions take
@@ -236,7 +249,7 @@ def _take_one_unit(coupon_id: int, user_id: str) -> tuple[LockedCoupon | None, C
         with connection.cursor() as cursor:
             cursor.execute(*Coupon.objects.claim_lock(coupon_id))
             row = cursor.fetchone()
-        if row is None:
+        if row is None or row[2] != coupon_name:
             return None, None
         held = ClaimHistory.objects.filter(coupon_id=coupon_id, user_id=user_id).exists()
         locked = LockedCoupon(remaining_amount=row[0], version=row[1], held=held)

@@ -182,11 +182,24 @@ class TestClaimTransaction:
         again.refresh_from_db()
         assert (again.remaining_amount, claimants(again)) == (0, ["first"])
 
+    def test_a_remembered_id_given_to_another_coupon_claims_nothing_of_it(self) -> None:
+        # After a sequence reset (manage.py flush, say) a new coupon can get the id this
+        # process remembers for a name: the name is checked on the row.
+        coupon_id = services.create_coupon(name="PROMO", amount=5).pk
+        services.claim_coupon(coupon_name="PROMO", user_id="first")
+        Coupon.objects.filter(pk=coupon_id).delete()
+        other = Coupon.objects.create(pk=coupon_id, name="OTHER", amount=5, remaining_amount=5)
+
+        with pytest.raises(CouponNotFound):
+            services.claim_coupon(coupon_name="PROMO", user_id="second")
+        other.refresh_from_db()
+        assert (other.remaining_amount, claimants(other)) == (5, [])
+
     def test_the_on_sale_memory_keeps_the_latest_coupons_only(self) -> None:
         memory = services.OnSaleMemory()
         for index in range(memory.max_coupons + 1):
             memory.add(f"coupon-{index}", index)
-        memory.add("coupon-1", 1)  # Known already: nothing else is dropped.
+        memory.add("coupon-2", 2)  # Known already: nothing is dropped.
 
         assert memory.get("coupon-0") is None
         assert (memory.get("coupon-1"), memory.get("coupon-2")) == (1, 2)
@@ -331,7 +344,7 @@ def test_the_claim_lock_statement_holds_the_coupon_row_until_the_transaction_end
         (while_held,) = in_threads(1, rival_claims_lock)
         assert lock(coupon.pk + 1) is None
     coupon.refresh_from_db()
-    assert locked == (2, coupon.updated_at)
+    assert locked == (2, coupon.updated_at, "PROMO")
     assert isinstance(while_held, OperationalError)
     assert "could not obtain lock" in str(while_held)
     assert in_threads(1, rival_claims_lock) == [None]
