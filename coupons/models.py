@@ -1,5 +1,6 @@
 """Coupons with a limited stock, and the ledger of who claimed them."""
 
+import functools
 from typing import Any
 
 from django.db import connections, models
@@ -9,8 +10,12 @@ from django.db.models import F, Q
 _lock_statements: dict[str, str] = {}
 
 
+@functools.cache
 def _naming_tables(sql: str) -> str:
-    """Fill in the {coupon} and {claim} table names of a hand-written statement."""
+    """Fill in the {coupon} and {claim} table names of a hand-written statement.
+
+    Cached: the claim's statements are filled in once per process, not on every claim.
+    """
     return sql.format(coupon=Coupon._meta.db_table, claim=ClaimHistory._meta.db_table)
 
 

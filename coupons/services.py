@@ -220,12 +220,13 @@ def _take_one_unit_without_waiting(
     pipeline closed, behind Django's back.
     """
     connection.ensure_connection()
-    with connection.wrap_database_errors, connection.cursor() as lock, connection.cursor() as take:
+    with connection.wrap_database_errors, connection.cursor() as cursor:
         with connection.connection.pipeline(), transaction.atomic(durable=True):
-            lock.execute(*Coupon.objects.claim_lock(coupon_id))
-            take.execute(*Coupon.objects.take_one_unit(coupon_id, coupon_name, user_id))
-        # The lock's own answer is not needed: the take statement read the row under it.
-        row = take.fetchone()
+            cursor.execute(*Coupon.objects.claim_lock(coupon_id))
+            cursor.execute(*Coupon.objects.take_one_unit(coupon_id, coupon_name, user_id))
+        # The cursor holds the take statement's answer; the lock's own is not needed, as
+        # the take statement read the row under it.
+        row = cursor.fetchone()
     if row is None:
         return None, None
     remaining_amount, version, held, claim_id, claimed_at = row
