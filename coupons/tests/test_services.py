@@ -145,6 +145,25 @@ def waiting_on_the_index() -> bool:
     return bool(waiting)
 
 
+def protocol_messages_of_a_claim_on_sale() -> list[str]:
+    """The protocol messages of a claim on a coupon on sale, from libpq's trace.
+
+    One line per message in the order sent (F) and received (B), such as "F\t4\tSync".
+    """
+    services.create_coupon(name="PROMO", amount=5)
+    services.claim_coupon(coupon_name="PROMO", user_id="first")
+    pgconn = connection.connection.pgconn
+    with tempfile.TemporaryFile() as trace:
+        pgconn.trace(trace.fileno())
+        pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            services.claim_coupon(coupon_name="PROMO", user_id="second")
+        finally:
+            pgconn.untrace()
+        trace.seek(0)
+        return trace.read().decode().splitlines()
+
+
 @pytest.mark.django_db(transaction=True)
 class TestClaimTransaction:
     """How a claim reaches PostgreSQL while its coupon is on sale."""
@@ -154,6 +173,8 @@ class TestClaimTransaction:
         services.claim_coupon(coupon_name="PROMO", user_id="first")
         with CaptureQueriesContext(connection) as captured:
             services.claim_coupon(coupon_name="PROMO", user_id="second")
+        # As Django logs them; its COMMIT is the block's end, which finds the transaction
+        # over (what goes over the wire is checked by the protocol trace tests below).
         statements = [query["sql"] for query in captured]
         assert len(statements) == 4, statements
         assert statements[0] == "BEGIN" and statements[3] == "COMMIT"
@@ -208,27 +229,40 @@ class TestClaimTransaction:
     def test_the_lock_the_unit_taken_and_the_commit_are_sent_before_any_answer_is_read(
         self,
     ) -> None:
-        # libpq's trace lists every protocol message in the order sent (F) and received
-        # (B): the COMMIT must be on its way before the lock's answer comes back, so that
-        # no worker needs a CPU while the coupon's row is locked.
-        services.create_coupon(name="PROMO", amount=5)
-        services.claim_coupon(coupon_name="PROMO", user_id="first")
-        pgconn = connection.connection.pgconn
-        with tempfile.TemporaryFile() as trace:
-            pgconn.trace(trace.fileno())
-            pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
-            try:
-                services.claim_coupon(coupon_name="PROMO", user_id="second")
-            finally:
-                pgconn.untrace()
-            trace.seek(0)
-            messages = trace.read().decode().splitlines()
+        # The COMMIT must be on its way before the lock's answer comes back, so that no
+        # worker needs a CPU while the coupon's row is locked.
+        messages = protocol_messages_of_a_claim_on_sale()
         lock_sent = next(i for i, line in enumerate(messages) if "FOR NO KEY UPDATE" in line)
         commit_sent = next(i for i, line in enumerate(messages) if '"COMMIT"' in line)
         first_answer = next(
             i for i, line in enumerate(messages) if i > lock_sent and line.startswith("B\t")
         )
         assert lock_sent < commit_sent < first_answer, messages
+
+    def test_a_claim_on_sale_waits_on_the_database_twice(self) -> None:
+        # Each wait for answers in pipeline mode ends what was sent with a Sync message:
+        # one after BEGIN, one after the COMMIT. Opening the pipeline outside the atomic
+        # block made five, and Django's own COMMIT would come on top of the claim's.
+        messages = protocol_messages_of_a_claim_on_sale()
+        sent = [line for line in messages if line.startswith("F\t")]
+        assert [line for line in sent if line.endswith("\tSync")] == ["F\t4\tSync"] * 2, sent
+        assert sum('"COMMIT"' in line for line in sent) == 1, sent
+
+    def test_a_claim_inside_a_transaction_opened_by_hand_is_left_to_its_caller(self) -> None:
+        # durable=True does not see a transaction opened by switching autocommit off; the
+        # claim must then neither commit the caller's work nor outlive its rollback.
+        coupon = services.create_coupon(name="PROMO", amount=5)
+        services.claim_coupon(coupon_name="PROMO", user_id="first")
+        transaction.set_autocommit(False)
+        try:
+            Coupon.objects.filter(pk=coupon.pk).update(amount=999)
+            services.claim_coupon(coupon_name="PROMO", user_id="second")
+            transaction.rollback()
+        finally:
+            transaction.set_autocommit(True)
+
+        coupon.refresh_from_db()
+        assert (coupon.amount, coupon.remaining_amount, claimants(coupon)) == (5, 4, ["first"])
 
     def test_a_lock_timeout_is_a_database_error_and_the_connection_claims_on(self) -> None:
         coupon = services.create_coupon(name="PROMO", amount=5)
