@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test check audit bench bench-quick clean
+.PHONY: run test check audit bench bench-quick bench-compare clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
@@ -67,6 +67,11 @@ bench: $(VENV)/.installed-runtime
 bench-quick: $(VENV)/.installed-runtime
 	@command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python bench/run.py --quick
+
+## bench-compare: this checkout against REV (default HEAD), B1 and B2 in 4 pairs run back to back
+bench-compare: $(VENV)/.installed-runtime
+	@command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
+	$(BIN)/python bench/compare.py $(or $(REV),HEAD)
 
 clean:
 	rm -rf $(VENV) staticfiles .pytest_cache

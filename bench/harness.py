@@ -277,6 +277,7 @@ class OtherWork:
     def __init__(self, master_pid: int) -> None:
         self.master_pid = master_pid
         self.share = 0.0
+        self.busy_s = 0.0  # CPU time all processes took, in seconds of one CPU.
 
     def _sample(self) -> tuple[int, int, int]:
         """Clock ticks so far: of all CPUs, of them busy, and of the bench's own processes."""
@@ -292,6 +293,7 @@ class OtherWork:
         start_total, start_busy, start_own = self._start
         other = (busy - start_busy) - (own - start_own)
         self.share = max(0, other) / max(1, total - start_total)
+        self.busy_s = (busy - start_busy) / os.sysconf("SC_CLK_TCK")
 
 
 # Memory
