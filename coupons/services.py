@@ -229,8 +229,7 @@ def _take_one_unit_without_waiting(
     caller's transaction that durable lets through (a test case's, or one opened by
     switching autocommit off) the block is a savepoint, and its end is left to Django.
     """
-    connection.ensure_connection()
-    begins_the_transaction = connection.get_autocommit()
+    begins_the_transaction = connection.get_autocommit()  # Connects first, if need be.
     with connection.wrap_database_errors, connection.cursor() as cursor:
         with transaction.atomic(durable=True), connection.connection.pipeline():
             cursor.execute(*Coupon.objects.claim_lock(coupon_id))
