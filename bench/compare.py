@@ -28,22 +28,32 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import harness
 from drivers import Tools, find_tools
 from harness import (
+    BENCH_DIR,
+    REPO_DIR,
     BenchError,
     OtherWork,
     bench_database_url,
     free_port,
     fresh_database,
+    log_problems,
     migrate,
     running_service,
     service_env,
 )
-from scenarios import FULL, QUICK, SCENARIOS, Context, RunResult, Sizes, warm_up
+from scenarios import (
+    FULL,
+    QUICK,
+    SCENARIOS,
+    Context,
+    RunResult,
+    Sizes,
+    scenario_names,
+    warm_up,
+)
 
-THIS_CHECKOUT = harness.REPO_DIR
-LOG_PATH = harness.BENCH_DIR / "results" / "compare-gunicorn.log"
+LOG_PATH = BENCH_DIR / "results" / "compare-gunicorn.log"
 CPU_PER_REQUEST = "machine_cpu_us_per_request"
 
 
@@ -53,22 +63,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("revision", help="the git revision to compare with, e.g. HEAD~1")
     parser.add_argument("--pairs", type=int, default=4, help="pairs of runs (default 4)")
-    parser.add_argument("--scenarios", default="B1,B2", help="comma-separated (default B1,B2)")
+    parser.add_argument(
+        "--scenarios",
+        type=scenario_names,
+        default="B1,B2",
+        help="comma-separated (default B1,B2)",
+    )
     parser.add_argument("--quick", action="store_true", help="the smaller sizes of --quick")
     args = parser.parse_args(argv)
-    args.scenarios = [name.strip().upper() for name in args.scenarios.split(",") if name.strip()]
-    unknown = set(args.scenarios) - set(SCENARIOS)
-    if unknown:
-        parser.error(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
     if args.pairs < 1:
         parser.error("--pairs must be at least 1")
     return args
 
 
 def git(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["git", *args], cwd=THIS_CHECKOUT, capture_output=True, text=True, check=False
-    )
+    return subprocess.run(["git", *args], cwd=REPO_DIR, capture_output=True, text=True, check=False)
 
 
 @contextmanager
@@ -98,30 +107,22 @@ def answered_requests(result: RunResult) -> int:
 
 def run_side(
     tree: Path, tools: Tools, database_url: str, sizes: Sizes, names: list[str], tag: str
-) -> dict[str, RunResult]:
-    """Serve the database from one tree, warm it up, and run each scenario once."""
-    harness.REPO_DIR = tree  # gunicorn starts in this tree and imports its code.
-    try:
-        env = service_env(database_url, free_port())
-        with running_service(env, LOG_PATH) as service:
-            ctx = Context(tools, service, database_url, sizes, tag)
-            problems = warm_up(ctx)
-            results = {}
-            for name in names:
-                with OtherWork(service.pid) as work:
-                    result = SCENARIOS[name](ctx, 0)
-                requests = answered_requests(result)
-                if requests:
-                    result.metrics[CPU_PER_REQUEST] = work.busy_s / requests * 1e6
-                result.problems += problems
-                problems = []
-                results[name] = result
-    finally:
-        harness.REPO_DIR = THIS_CHECKOUT
-    problems_in_log = harness.log_problems(LOG_PATH)
-    if problems_in_log:
-        next(iter(results.values())).problems += [f"gunicorn log: {p}" for p in problems_in_log]
-    return results
+) -> tuple[dict[str, RunResult], list[str]]:
+    """Serve the database from one tree, warm it up, and run each scenario once; return
+    the results and the failures of the warm-up and of the gunicorn log."""
+    env = service_env(database_url, free_port())
+    with running_service(env, LOG_PATH, tree) as service:
+        ctx = Context(tools, service, database_url, sizes, tag)
+        problems = [f"warm-up: {problem}" for problem in warm_up(ctx)]
+        results = {}
+        for name in names:
+            with OtherWork(service.pid) as work:
+                results[name] = SCENARIOS[name](ctx, 0)
+            requests = answered_requests(results[name])
+            if requests:
+                results[name].metrics[CPU_PER_REQUEST] = work.busy_s / requests * 1e6
+    problems += [f"gunicorn log: {line}" for line in log_problems(LOG_PATH)]
+    return results, problems
 
 
 def compare(args: argparse.Namespace) -> bool:
@@ -136,8 +137,16 @@ def compare(args: argparse.Namespace) -> bool:
         print(f"each pair: {args.revision} then this checkout; figures: theirs → ours (ratio)")
         for pair in range(1, args.pairs + 1):
             tag = str(int(time.time()))
-            theirs = run_side(tree, tools, database_url, sizes, args.scenarios, tag + "0")
-            ours = run_side(THIS_CHECKOUT, tools, database_url, sizes, args.scenarios, tag + "1")
+            theirs, their_problems = run_side(
+                tree, tools, database_url, sizes, args.scenarios, tag + "0"
+            )
+            ours, our_problems = run_side(
+                REPO_DIR, tools, database_url, sizes, args.scenarios, tag + "1"
+            )
+            for side, problems in (("theirs", their_problems), ("ours", our_problems)):
+                for problem in problems:
+                    passed = False
+                    print(f"  !!! VERIFICATION FAILED ({side}): {problem}")
             for name in args.scenarios:
                 figures = []
                 for metric, mine in ours[name].metrics.items():

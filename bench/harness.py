@@ -221,13 +221,16 @@ def _stop(master: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def running_service(env: dict[str, str], log_path: Path) -> Iterator[Service]:
-    """Run gunicorn from the repository's gunicorn.conf.py for the duration of the block."""
+def running_service(
+    env: dict[str, str], log_path: Path, tree: Path = REPO_DIR
+) -> Iterator[Service]:
+    """Run gunicorn from a checkout's gunicorn.conf.py (by default this one) for the
+    duration of the block; it imports that checkout's code."""
     port = int(env["PORT"])
     with log_path.open("wb") as log:
         master = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
-            cwd=REPO_DIR,
+            cwd=tree,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

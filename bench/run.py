@@ -51,6 +51,7 @@ from scenarios import (
     Context,
     RunResult,
     Sizes,
+    scenario_names,
     warm_up,
 )
 
@@ -69,13 +70,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--runs", type=int, help="runs of each scenario (default 3, --quick 1)")
     parser.add_argument(
-        "--scenarios", default=",".join(SCENARIOS), help="comma-separated, e.g. B1,B3"
+        "--scenarios",
+        type=scenario_names,
+        default=",".join(SCENARIOS),
+        help="comma-separated, e.g. B1,B3",
     )
     args = parser.parse_args(argv)
-    args.scenarios = [name.strip().upper() for name in args.scenarios.split(",") if name.strip()]
-    unknown = set(args.scenarios) - set(SCENARIOS)
-    if unknown:
-        parser.error(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
     if args.runs is None:
         args.runs = 1 if args.quick else 3
     if args.runs < 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -336,3 +337,14 @@ SCENARIOS: dict[str, Callable[[Context, int], RunResult]] = {
     "B3": big_read,
     "B4": database_ceiling,
 }
+
+
+def scenario_names(text: str) -> list[str]:
+    """Parse a comma-separated list of scenarios (an argparse type), e.g. "b1, B3"."""
+    names = [name.strip().upper() for name in text.split(",") if name.strip()]
+    unknown = set(names) - set(SCENARIOS)
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown scenarios {sorted(unknown)}; choose from {', '.join(SCENARIOS)}"
+        )
+    return names
