@@ -3,7 +3,7 @@
 import functools
 from typing import Any
 
-from django.db import connections, models
+from django.db import connections, models, transaction
 from django.db.models import F, Q
 
 # The locking statement of a claim, per database alias; see CouponQuerySet.claim_lock().
@@ -61,11 +61,15 @@ class CouponQuerySet(models.QuerySet["Coupon"]):
         statement = _lock_statements.get(self.db)
         if statement is None:
             locking = self.select_for_update(no_key=True).filter(pk=0)
-            statement, params = (
-                locking.values_list("remaining_amount", "updated_at", "name")
-                .query.get_compiler(using=self.db)
-                .as_sql()
-            )
+            # Django compiles a locking statement only inside a transaction. This block
+            # sends nothing (psycopg begins one with the first statement): a claim runs
+            # the statement in a transaction of its own making (services.py).
+            with transaction.atomic(using=self.db, savepoint=False):
+                statement, params = (
+                    locking.values_list("remaining_amount", "updated_at", "name")
+                    .query.get_compiler(using=self.db)
+                    .as_sql()
+                )
             assert params == (0,), "the coupon id must be the statement's only parameter"
             _lock_statements[self.db] = statement
         return statement, [coupon_id]

@@ -208,34 +208,34 @@ class LockedCoupon(NamedTuple):
 def _take_one_unit_without_waiting(
     coupon_id: int, coupon_name: str, user_id: str
 ) -> tuple[LockedCoupon | None, ClaimHistory | None]:
-    """A claim's transaction on PostgreSQL in two round trips, its statements sent without
-    waiting for answers.
+    """A claim's transaction on PostgreSQL in one round trip.
 
-    Django's atomic block begins the transaction and psycopg sends BEGIN, waiting for it.
-    Then, in psycopg's pipeline mode, the lock, the statement that takes the unit and the
-    COMMIT go out one after the other, and their answers are read once, after the COMMIT:
-    no worker has to be woken and get a CPU back while the row lock is held, so the lock
-    lasts about as long as PostgreSQL takes to run them (docs/performance.md).
+    In psycopg's pipeline mode the lock and the statement that takes the unit go out one
+    after the other, then a Sync, and their answers are read once, after it. Between
+    requests Django keeps the connection in autocommit, and PostgreSQL then runs all that
+    comes before a Sync as one transaction (the extended query protocol's implicit
+    transaction), committed at the Sync: no BEGIN, no COMMIT, the row lock held from the
+    first statement to the commit. An error in either statement makes PostgreSQL skip the
+    rest and roll the whole back at the Sync; the pipeline raises it as it closes, and
+    the claim is answered only after the Sync's answer, that is after the commit. No
+    worker has to be woken and get a CPU back while the row lock is held, so the lock
+    lasts about as long as PostgreSQL takes to run the two (docs/performance.md).
 
-    The pipeline sits inside the atomic block, and the COMMIT is sent here rather than by
-    the block's end, because psycopg asks the server for the transaction's state whenever
-    Django switches autocommit inside a pipeline: the other way round, the block's start
-    and end cost three more round trips. When the block ends, Django's commit finds the
-    transaction over and sends nothing. An error in any statement makes PostgreSQL skip
-    the rest, the COMMIT included; it is raised by the next statement sent or as the
-    pipeline closes, inside the block, which rolls back as usual.
-
-    Durable: a claim is its own transaction, committed before it is answered. Inside a
-    caller's transaction that durable lets through (a test case's, or one opened by
-    switching autocommit off) the block is a savepoint, and its end is left to Django.
+    Durable: a claim is its own transaction. Inside a caller's atomic block it is refused;
+    inside a transaction that durable lets through (a test case's, or one opened by
+    switching autocommit off) its statements run in a savepoint, and the transaction's
+    end is left to its owner.
     """
-    begins_the_transaction = connection.get_autocommit()  # Connects first, if need be.
+    lock = Coupon.objects.claim_lock(coupon_id)
+    take = Coupon.objects.take_one_unit(coupon_id, coupon_name, user_id)
+    in_autocommit = connection.get_autocommit()  # Connects first, if need be.
     with connection.wrap_database_errors, connection.cursor() as cursor:
-        with transaction.atomic(durable=True), connection.connection.pipeline():
-            cursor.execute(*Coupon.objects.claim_lock(coupon_id))
-            cursor.execute(*Coupon.objects.take_one_unit(coupon_id, coupon_name, user_id))
-            if begins_the_transaction:
-                connection.connection.execute("COMMIT")
+        with (
+            contextlib.nullcontext() if in_autocommit else transaction.atomic(durable=True),
+            connection.connection.pipeline(),
+        ):
+            cursor.execute(*lock)
+            cursor.execute(*take)
         # The cursor holds the take statement's answer; the lock's own is not needed, as
         # the take statement read the row under it.
         row = cursor.fetchone()
