@@ -61,9 +61,9 @@ class CouponQuerySet(models.QuerySet["Coupon"]):
         statement = _lock_statements.get(self.db)
         if statement is None:
             locking = self.select_for_update(no_key=True).filter(pk=0)
-            # Django compiles a locking statement only inside a transaction. This block
-            # sends nothing (psycopg begins one with the first statement): a claim runs
-            # the statement in a transaction of its own making (services.py).
+            # Django compiles a locking statement only inside a transaction. On PostgreSQL
+            # this block sends nothing (psycopg begins one with the first statement): a
+            # claim runs the statement in a transaction of its own making (services.py).
             with transaction.atomic(using=self.db, savepoint=False):
                 statement, params = (
                     locking.values_list("remaining_amount", "updated_at", "name")

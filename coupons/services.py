@@ -230,12 +230,23 @@ def _take_one_unit_without_waiting(
     take = Coupon.objects.take_one_unit(coupon_id, coupon_name, user_id)
     in_autocommit = connection.get_autocommit()  # Connects first, if need be.
     with connection.wrap_database_errors, connection.cursor() as cursor:
-        with (
-            contextlib.nullcontext() if in_autocommit else transaction.atomic(durable=True),
-            connection.connection.pipeline(),
-        ):
-            cursor.execute(*lock)
-            cursor.execute(*take)
+        try:
+            with (
+                contextlib.nullcontext() if in_autocommit else transaction.atomic(durable=True),
+                connection.connection.pipeline(),
+            ):
+                cursor.execute(*lock)
+                cursor.execute(*take)
+        except BaseException:
+            if in_autocommit:
+                # PostgreSQL rolled the statements back at the Sync, but psycopg does not
+                # know it: it may count as prepared a statement the server skipped after
+                # the error (every later claim then fails), and an error at the commit
+                # leaves it in pipeline mode. A rollback would reset both; with none to
+                # send, a fresh connection does. Errors here are rare (a lock timeout,
+                # the database restarting), so reconnecting costs little.
+                connection.close()
+            raise
         # The cursor holds the take statement's answer; the lock's own is not needed, as
         # the take statement read the row under it.
         row = cursor.fetchone()

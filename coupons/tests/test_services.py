@@ -4,13 +4,13 @@ import contextlib
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
 import pytest
 from django.conf import settings
-from django.db import IntegrityError, OperationalError, connection, transaction
+from django.db import DatabaseError, IntegrityError, OperationalError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -164,6 +164,29 @@ def protocol_messages_of_a_claim_on_sale() -> list[str]:
         return trace.read().decode().splitlines()
 
 
+@contextlib.contextmanager
+def row_locked_elsewhere(coupon_id: int) -> Iterator[None]:
+    """Hold a coupon's row lock from another connection for the duration of the block."""
+    with psycopg.connect(**connection.get_connection_params()) as other:
+        other.execute("SELECT 1 FROM coupons_coupon WHERE id = %s FOR UPDATE", [coupon_id])
+        try:
+            yield
+        finally:
+            other.rollback()
+
+
+# A claim by user "refused" fails as its transaction commits.
+REFUSE_AT_COMMIT = """
+    CREATE FUNCTION refuse_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF NEW.user_id = 'refused' THEN RAISE EXCEPTION 'refused at commit'; END IF;
+        RETURN NULL;
+    END $$;
+    CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT ON coupons_claimhistory
+        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_at_commit();
+"""
+
+
 @pytest.mark.django_db(transaction=True)
 class TestClaimTransaction:
     """How a claim reaches PostgreSQL while its coupon is on sale."""
@@ -289,6 +312,63 @@ class TestClaimTransaction:
         assert services.claim_coupon(coupon_name="PROMO", user_id="second").user_id == "second"
         coupon.refresh_from_db()
         assert (coupon.remaining_amount, claimants(coupon)) == (3, ["first", "second"])
+
+    def test_a_lock_timeout_on_any_claim_of_a_connection_leaves_the_next_one_working(
+        self,
+    ) -> None:
+        # Whichever run of the statements fails, the one that prepares them included (after
+        # PREPARE_THRESHOLD runs): psycopg must not count as prepared a statement the server
+        # skipped after the error.
+        coupon = services.create_coupon(name="PROMO", amount=100)
+        services.claim_coupon(coupon_name="PROMO", user_id="first")
+        for earlier_claims in range(8):
+            connection.close()
+            for number in range(earlier_claims):
+                services.claim_coupon(coupon_name="PROMO", user_id=f"{earlier_claims}-{number}")
+            with row_locked_elsewhere(coupon.pk):
+                with connection.cursor() as cursor:
+                    cursor.execute("SET lock_timeout = '100ms'")
+                with pytest.raises(OperationalError, match="lock timeout"):
+                    services.claim_coupon(coupon_name="PROMO", user_id=f"{earlier_claims}-late")
+            services.claim_coupon(coupon_name="PROMO", user_id=f"{earlier_claims}-after")
+
+        coupon.refresh_from_db()
+        assert coupon.remaining_amount == 100 - 1 - sum(range(8)) - 8
+        assert not any(user.endswith("-late") for user in claimants(coupon))
+
+    def test_an_error_at_the_commit_rolls_the_claim_back_and_the_next_claim_works(self) -> None:
+        # A deferred trigger fails only as the implicit transaction commits, at the Sync.
+        coupon = services.create_coupon(name="PROMO", amount=5)
+        services.claim_coupon(coupon_name="PROMO", user_id="first")
+        with connection.cursor() as cursor:
+            cursor.execute(REFUSE_AT_COMMIT)
+        try:
+            with pytest.raises(DatabaseError):
+                services.claim_coupon(coupon_name="PROMO", user_id="refused")
+            services.claim_coupon(coupon_name="PROMO", user_id="after")
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute("DROP FUNCTION refuse_at_commit() CASCADE")
+
+        coupon.refresh_from_db()
+        assert (coupon.remaining_amount, claimants(coupon)) == (3, ["first", "after"])
+
+    def test_a_claim_after_its_connection_was_killed_fails_once_then_reconnects(self) -> None:
+        coupon = services.create_coupon(name="PROMO", amount=5)
+        services.claim_coupon(coupon_name="PROMO", user_id="first")
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            (backend,) = cursor.fetchone()
+        with psycopg.connect(**connection.get_connection_params(), autocommit=True) as other:
+            other.execute("SELECT pg_terminate_backend(%s, 5000)", [backend])
+
+        with pytest.raises(OperationalError):
+            services.claim_coupon(coupon_name="PROMO", user_id="second")
+        # No request boundary in between (close_old_connections) to replace the connection.
+        services.claim_coupon(coupon_name="PROMO", user_id="third")
+
+        coupon.refresh_from_db()
+        assert (coupon.remaining_amount, claimants(coupon)) == (3, ["first", "third"])
 
     def test_a_claim_inside_a_callers_transaction_is_refused(self) -> None:
         services.create_coupon(name="PROMO", amount=5)
