@@ -145,13 +145,15 @@ def waiting_on_the_index() -> bool:
     return bool(waiting)
 
 
-def protocol_messages_of_a_claim_on_sale() -> list[str]:
+def protocol_messages_of_a_claim_on_sale(earlier_claims: int = 1) -> list[str]:
     """The protocol messages of a claim on a coupon on sale, from libpq's trace.
 
     One line per message in the order sent (F) and received (B), such as "F\t4\tSync".
+    After more than PREPARE_THRESHOLD earlier claims, the statements run prepared.
     """
-    services.create_coupon(name="PROMO", amount=5)
-    services.claim_coupon(coupon_name="PROMO", user_id="first")
+    services.create_coupon(name="PROMO", amount=earlier_claims + 1)
+    for number in range(earlier_claims):
+        services.claim_coupon(coupon_name="PROMO", user_id=f"earlier-{number}")
     pgconn = connection.connection.pgconn
     with tempfile.TemporaryFile() as trace:
         pgconn.trace(trace.fileno())
@@ -258,11 +260,17 @@ class TestClaimTransaction:
         first_answer = next(i for i, line in enumerate(messages) if line.startswith("B\t"))
         assert lock_sent < take_sent < sync_sent < first_answer, messages
 
-    def test_a_claim_on_sale_is_one_implicit_transaction_and_one_wait(self) -> None:
+    @pytest.mark.parametrize("earlier_claims", [1, 10], ids=["parsed", "prepared"])
+    def test_a_claim_on_sale_is_one_implicit_transaction_and_one_wait(
+        self, earlier_claims: int
+    ) -> None:
         # One Sync ends the statements and commits them. An explicit transaction costs a
         # wait for BEGIN's answer (psycopg's, in pipeline mode), and a Sync between the
         # two statements would end the transaction, and the lock, before the unit is taken.
-        messages = protocol_messages_of_a_claim_on_sale()
+        messages = protocol_messages_of_a_claim_on_sale(earlier_claims)
+        threshold = settings.DATABASES["default"]["OPTIONS"].get("prepare_threshold")
+        if threshold is not None and earlier_claims > threshold:
+            assert not any("\tParse\t" in line for line in messages), messages
         sent = [line for line in messages if line.startswith("F\t")]
         assert [line for line in sent if line.endswith("\tSync")] == ["F\t4\tSync"], sent
         assert not any('"BEGIN"' in line or '"COMMIT"' in line for line in sent), sent
