@@ -170,7 +170,9 @@ def protocol_messages_of_a_claim_on_sale(earlier_claims: int = 1) -> list[str]:
 def row_locked_elsewhere(coupon_id: int) -> Iterator[None]:
     """Hold a coupon's row lock from another connection for the duration of the block."""
     with psycopg.connect(**connection.get_connection_params()) as other:
-        other.execute("SELECT 1 FROM coupons_coupon WHERE id = %s FOR UPDATE", [coupon_id])
+        other.execute(
+            f"SELECT 1 FROM {Coupon._meta.db_table} WHERE id = %s FOR UPDATE", [coupon_id]
+        )
         try:
             yield
         finally:
@@ -294,26 +296,13 @@ class TestClaimTransaction:
     def test_a_lock_timeout_is_a_database_error_and_the_connection_claims_on(self) -> None:
         coupon = services.create_coupon(name="PROMO", amount=5)
         services.claim_coupon(coupon_name="PROMO", user_id="first")
-        locked = threading.Event()
-        release = threading.Event()
-
-        def hold_the_row(_: int) -> None:
-            with transaction.atomic():
-                Coupon.objects.select_for_update().get(pk=coupon.pk)
-                locked.set()
-                release.wait(10)
-
-        holder = threading.Thread(target=in_threads, args=(1, hold_the_row))
-        holder.start()
         try:
-            assert locked.wait(10)
-            with connection.cursor() as cursor:
-                cursor.execute("SET lock_timeout = '100ms'")
-            with pytest.raises(OperationalError, match="lock timeout"):
-                services.claim_coupon(coupon_name="PROMO", user_id="second")
+            with row_locked_elsewhere(coupon.pk):
+                with connection.cursor() as cursor:
+                    cursor.execute("SET lock_timeout = '100ms'")
+                with pytest.raises(OperationalError, match="lock timeout"):
+                    services.claim_coupon(coupon_name="PROMO", user_id="second")
         finally:
-            release.set()
-            holder.join()
             with connection.cursor() as cursor:
                 cursor.execute("RESET lock_timeout")
 
