@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
+from psycopg import sql as pgsql
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -53,10 +54,11 @@ def _maintenance_url(database_url: str) -> str:
 
 def _recreate_database(database_url: str, *, create: bool) -> None:
     """Drop the database of database_url (closing its sessions), and create it afresh if asked."""
+    database = pgsql.Identifier(urlsplit(database_url).path.lstrip("/"))
     with psycopg.connect(_maintenance_url(database_url), autocommit=True) as connection:
-        connection.execute(f'DROP DATABASE IF EXISTS "{BENCH_DATABASE}" WITH (FORCE)')
+        connection.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(database))
         if create:
-            connection.execute(f'CREATE DATABASE "{BENCH_DATABASE}"')
+            connection.execute(pgsql.SQL("CREATE DATABASE {}").format(database))
 
 
 @contextmanager
