@@ -5,9 +5,13 @@ import os
 
 bind = f"{os.environ.get('HOST') or '127.0.0.1'}:{os.environ.get('PORT') or '8080'}"
 
-# A claim spends most of its time waiting on the database, so more processes than
-# cores keep the CPUs busy while others wait. Each holds one database connection.
-workers = int(os.environ.get("WEB_CONCURRENCY") or multiprocessing.cpu_count() * 2 + 1)
+# One worker per core, at least two so that one slow request never holds up all. With
+# PostgreSQL on the same cores a worker's wait is the database's own CPU time, and more
+# workers only compete for the cores: on 2 cores, 2 workers won 1.35x the claims of 5 in
+# B2, at 0.63x the CPU per claim (docs/performance.md). With the database on another
+# machine the cores idle during each round trip: raise WEB_CONCURRENCY and measure.
+# Each worker holds one database connection.
+workers = int(os.environ.get("WEB_CONCURRENCY") or max(2, multiprocessing.cpu_count()))
 threads = int(os.environ.get("GUNICORN_THREADS") or 1)
 # One thread: gunicorn's sync worker, closing each connection as soon as it may
 # (couponsite/workers.py).
