@@ -3,7 +3,7 @@
 import functools
 from typing import Any
 
-from django.db import connections, models, transaction
+from django.db import connections, models
 from django.db.models import F, Q
 
 # The locking statement of a claim, per database alias; see CouponQuerySet.claim_lock().
@@ -51,25 +51,22 @@ class CouponQuerySet(models.QuerySet["Coupon"]):
         """Return the statement, and its parameters, that lock a coupon's row for a claim.
 
         It reads (remaining_amount, updated_at, name) of the coupon, if there is one, and holds
-        the row's lock until the transaction ends. By id, not name: under a sale's stream
-        of updates, searching the name's index doubled PostgreSQL's CPU per claim
-        (docs/performance.md). NO KEY: the row's key is not changed, so foreign-key checks
-        need not wait. It is the statement `select_for_update(no_key=True)` builds, built
-        once per process rather than for every claim: building it took four times the CPU
-        of running it (168 against 40 µs), and every claim of a hot coupon waits for it.
+        the row's lock until the transaction ends; call it inside the claim's transaction
+        (Django compiles a locking statement only there). Used where a claim's checks run one
+        by one (SQLite, services._take_one_unit); on PostgreSQL the UPDATE of take_one_unit()
+        takes the lock itself. NO KEY: the row's key is not changed, so foreign-key checks
+        need not wait. It is the statement `select_for_update(no_key=True)` builds, built once
+        per process rather than for every claim: building it took four times the CPU of
+        running it (168 against 40 µs).
         """
         statement = _lock_statements.get(self.db)
         if statement is None:
             locking = self.select_for_update(no_key=True).filter(pk=0)
-            # Django compiles a locking statement only inside a transaction. On PostgreSQL
-            # this block sends nothing (psycopg begins one with the first statement): a
-            # claim runs the statement in a transaction of its own making (services.py).
-            with transaction.atomic(using=self.db, savepoint=False):
-                statement, params = (
-                    locking.values_list("remaining_amount", "updated_at", "name")
-                    .query.get_compiler(using=self.db)
-                    .as_sql()
-                )
+            statement, params = (
+                locking.values_list("remaining_amount", "updated_at", "name")
+                .query.get_compiler(using=self.db)
+                .as_sql()
+            )
             assert params == (0,), "the coupon id must be the statement's only parameter"
             _lock_statements[self.db] = statement
         return statement, [coupon_id]
@@ -77,18 +74,18 @@ class CouponQuerySet(models.QuerySet["Coupon"]):
     def take_one_unit(self, coupon_id: int, name: str, user_id: str) -> tuple[str, list[Any]]:
         """Return the statement, and its parameters, that takes one unit for a claim.
 
-        PostgreSQL only; the rest of a claim's transaction after claim_lock(). It takes a
-        unit only if stock is left and the user holds none, records the claim, and reads
+        PostgreSQL only; a claim's whole transaction (services.py). It takes a unit only if
+        stock is left and the user holds none, records the claim, and reads
         (remaining_amount, updated_at, held_by_user, claim id, claimed_at) of the coupon as
-        it stood before, for the answer; no row if there is no coupon with this id and
-        name. The name is compared in a form no index serves (IS NOT DISTINCT FROM), so
-        the row is still found through its id: searching the name's index under a sale's
-        updates doubled PostgreSQL's CPU per claim (docs/performance.md). Run after the
-        lock, its snapshot sees every claim committed before. It is safe even without that
-        lock: the UPDATE locks the row itself and checks the stock again if it had to wait,
-        and the unique (coupon, user_id) index refuses a second claim its check could not
-        see. The claim's id and time are taken under the lock, so ids follow commit order
-        and claimed_by only ever grows at its end.
+        its snapshot saw it, for the answer; no row if there is no coupon with this id and
+        name. The UPDATE takes the coupon's row lock; if it had to wait, it checks the stock
+        again on the row as committed, and a claim by the same user committed meanwhile,
+        which its snapshot cannot see, meets the unique (coupon, user_id) index, which fails
+        the statement and rolls the unit back. The claim's id and time are taken under the
+        lock, so ids follow commit order and claimed_by only ever grows at its end. The
+        coupon is found by id, its name compared in a form no index serves (IS NOT DISTINCT
+        FROM): searching the name's index under a sale's updates doubled PostgreSQL's CPU
+        per claim (docs/performance.md).
         """
         sql = """
             WITH taken AS (

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -169,7 +169,7 @@ def claim_coupon(*, coupon_name: str, user_id: str) -> ClaimHistory:
 
     try:
         if connection.vendor == "postgresql":
-            locked, claim = _take_one_unit_without_waiting(coupon_id, coupon_name, user_id)
+            locked, claim = _take_one_unit_in_one_statement(coupon_id, coupon_name, user_id)
         else:
             locked, claim = _take_one_unit(coupon_id, coupon_name, user_id)
     except IntegrityError:
@@ -205,60 +205,57 @@ class LockedCoupon(NamedTuple):
     held: bool  # by the claiming user
 
 
-def _take_one_unit_without_waiting(
+def _take_one_unit_in_one_statement(
     coupon_id: int, coupon_name: str, user_id: str
 ) -> tuple[LockedCoupon | None, ClaimHistory | None]:
-    """A claim's transaction on PostgreSQL in one round trip.
+    """A claim's transaction on PostgreSQL: one statement, one round trip.
 
-    In psycopg's pipeline mode the lock and the statement that takes the unit go out one
-    after the other, then a Sync, and their answers are read once, after it. Between
-    requests Django keeps the connection in autocommit, and PostgreSQL then runs all that
-    comes before a Sync as one transaction (the extended query protocol's implicit
-    transaction), committed at the Sync: no BEGIN, no COMMIT, the row lock held from the
-    first statement to the commit. An error in either statement makes PostgreSQL skip the
-    rest and roll the whole back at the Sync; the pipeline raises it as it closes, and
-    the claim is answered only after the Sync's answer, that is after the commit. No
-    worker has to be woken and get a CPU back while the row lock is held, so the lock
-    lasts about as long as PostgreSQL takes to run the two (docs/performance.md).
+    Django keeps the connection in autocommit between requests, so the statement of
+    take_one_unit() is a transaction of its own: its UPDATE takes the coupon's row lock,
+    checks the stock (again, on the row as committed, if it had to wait), inserts the claim
+    and commits, and the lock is released at that commit. Nothing else is sent, so no
+    worker has to be woken and get a CPU back while the row is locked. Inside a
+    transaction that durable=True lets through (a test case's, or one opened by switching
+    autocommit off) it runs in a savepoint, and the transaction's end is left to its owner;
+    inside a caller's atomic block it is refused, as a claim commits before it is answered.
 
-    Durable: a claim is its own transaction. Inside a caller's atomic block it is refused;
-    inside a transaction that durable lets through (a test case's, or one opened by
-    switching autocommit off) its statements run in a savepoint, and the transaction's
-    end is left to its owner.
+    When the statement took nothing, what it read of the coupon comes from its snapshot,
+    taken before it waited for the lock: a claim that committed meanwhile (the same user's
+    other request, say) is not in it. So unless the user was already seen holding the
+    coupon, the coupon is read again, as it stands now: the contract answers a holder with
+    already_claimed before out_of_stock. This costs a round trip only for claims refused
+    under the lock, which are few: the sold-out memory answers the rest.
     """
-    lock = Coupon.objects.claim_lock(coupon_id)
     take = Coupon.objects.take_one_unit(coupon_id, coupon_name, user_id)
     in_autocommit = connection.get_autocommit()  # Connects first, if need be.
-    with connection.wrap_database_errors, connection.cursor() as cursor:
-        try:
-            with (
-                contextlib.nullcontext() if in_autocommit else transaction.atomic(durable=True),
-                connection.connection.pipeline(),
-            ):
-                cursor.execute(*lock)
-                cursor.execute(*take)
-        except BaseException:
-            if in_autocommit:
-                # PostgreSQL rolled the statements back at the Sync, but psycopg does not
-                # know it: it may count as prepared a statement the server skipped after
-                # the error (every later claim then fails), and an error at the commit
-                # leaves it in pipeline mode. A rollback would reset both; with none to
-                # send, a fresh connection does. Errors here are rare (a lock timeout,
-                # the database restarting), so reconnecting costs little.
-                connection.close()
-            raise
-        # The cursor holds the take statement's answer; the lock's own is not needed, as
-        # the take statement read the row under it.
-        row = cursor.fetchone()
+    try:
+        with (
+            contextlib.nullcontext() if in_autocommit else transaction.atomic(durable=True),
+            connection.cursor() as cursor,
+        ):
+            cursor.execute(*take)
+            row = cursor.fetchone()
+    except DatabaseError:
+        # A connection lost mid-claim (the database restarted, the backend was killed) is
+        # dropped now, not at the end of the request: a command claiming in a loop has no
+        # request end, and would fail on the dead connection for good.
+        if connection.connection is not None and connection.connection.closed:
+            connection.close()
+        raise
     if row is None:
         return None, None
     remaining_amount, version, held, claim_id, claimed_at = row
-    locked = LockedCoupon(remaining_amount, version, held)
-    if claim_id is None:
-        return locked, None
-    return locked, ClaimHistory(
-        id=claim_id, coupon_id=coupon_id, user_id=user_id, claimed_at=claimed_at
-    )
+    if claim_id is not None:
+        claim = ClaimHistory(
+            id=claim_id, coupon_id=coupon_id, user_id=user_id, claimed_at=claimed_at
+        )
+        return LockedCoupon(remaining_amount, version, held), claim
+    if held:
+        return LockedCoupon(remaining_amount, version, held), None
+    now = Coupon.objects.claim_outlook(coupon_name, user_id)
+    if now is None or now[0] != coupon_id:
+        return None, None  # Deleted while the statement waited.
+    return LockedCoupon(remaining_amount=now[1], version=now[2], held=now[3]), None
 
 
 def _take_one_unit(

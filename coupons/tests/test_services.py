@@ -179,6 +179,37 @@ def row_locked_elsewhere(coupon_id: int) -> Iterator[None]:
             other.rollback()
 
 
+@contextlib.contextmanager
+def last_unit_taken_while_the_claim_waits(coupon: Coupon, taker: str) -> Iterator[None]:
+    """Another transaction takes the coupon's last unit for taker, holding its row lock, and
+    commits once a claim's statement inside the block waits for that lock."""
+    coupon_table, claim_table = Coupon._meta.db_table, ClaimHistory._meta.db_table
+    with psycopg.connect(**connection.get_connection_params()) as other:
+        other.execute(f"SELECT 1 FROM {coupon_table} WHERE id = %s FOR UPDATE", [coupon.pk])
+        other.execute(
+            f"INSERT INTO {claim_table} (coupon_id, user_id, claimed_at) VALUES (%s, %s, now())",
+            [coupon.pk, taker],
+        )
+        other.execute(
+            f"UPDATE {coupon_table} SET remaining_amount = 0, updated_at = now() WHERE id = %s",
+            [coupon.pk],
+        )
+
+        def commit_once_the_claim_waits() -> None:
+            deadline = time.monotonic() + 10
+            while not waiting_on_the_index() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            connection.close()
+            other.commit()
+
+        committer = threading.Thread(target=commit_once_the_claim_waits)
+        committer.start()
+        try:
+            yield
+        finally:
+            committer.join()
+
+
 # A claim by user "refused" fails as its transaction commits.
 REFUSE_AT_COMMIT = """
     CREATE FUNCTION refuse_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -195,15 +226,14 @@ REFUSE_AT_COMMIT = """
 class TestClaimTransaction:
     """How a claim reaches PostgreSQL while its coupon is on sale."""
 
-    def test_a_claim_on_sale_skips_the_look_and_takes_the_lock_at_once(self) -> None:
+    def test_a_claim_on_sale_skips_the_look_and_is_one_statement(self) -> None:
         services.create_coupon(name="PROMO", amount=5)
         services.claim_coupon(coupon_name="PROMO", user_id="first")
         with CaptureQueriesContext(connection) as captured:
             services.claim_coupon(coupon_name="PROMO", user_id="second")
         statements = [query["sql"] for query in captured]
-        assert len(statements) == 2, statements
-        assert statements[0].endswith("FOR NO KEY UPDATE")
-        assert statements[1].lstrip().startswith("WITH taken AS")
+        assert len(statements) == 1, statements
+        assert statements[0].lstrip().startswith("WITH taken AS")
 
     def test_a_coupon_deleted_during_its_sale_is_not_found_under_the_lock(self) -> None:
         coupon = services.create_coupon(name="PROMO", amount=5)
@@ -250,25 +280,19 @@ class TestClaimTransaction:
         assert (memory.get("coupon-1"), memory.get("coupon-2")) == (1, 2)
         assert memory.get(f"coupon-{memory.max_coupons}") == memory.max_coupons
 
-    def test_the_lock_the_unit_taken_and_the_sync_are_sent_before_any_answer_is_read(
-        self,
-    ) -> None:
-        # The Sync that commits must be on its way before the lock's answer comes back, so
-        # that no worker needs a CPU while the coupon's row is locked.
+    def test_the_statement_and_the_sync_are_sent_before_any_answer_is_read(self) -> None:
+        # The Sync that commits must be on its way before the statement's answer comes
+        # back, so that no worker needs a CPU while the coupon's row is locked.
         messages = protocol_messages_of_a_claim_on_sale()
-        lock_sent = next(i for i, line in enumerate(messages) if "FOR NO KEY UPDATE" in line)
         take_sent = next(i for i, line in enumerate(messages) if "WITH taken AS" in line)
         sync_sent = messages.index("F\t4\tSync")
         first_answer = next(i for i, line in enumerate(messages) if line.startswith("B\t"))
-        assert lock_sent < take_sent < sync_sent < first_answer, messages
+        assert take_sent < sync_sent < first_answer, messages
 
     @pytest.mark.parametrize("earlier_claims", [1, 10], ids=["parsed", "prepared"])
-    def test_a_claim_on_sale_is_one_implicit_transaction_and_one_wait(
-        self, earlier_claims: int
-    ) -> None:
-        # One Sync ends the statements and commits them. An explicit transaction costs a
-        # wait for BEGIN's answer (psycopg's, in pipeline mode), and a Sync between the
-        # two statements would end the transaction, and the lock, before the unit is taken.
+    def test_a_claim_on_sale_is_its_own_transaction_and_one_wait(self, earlier_claims: int) -> None:
+        # In autocommit the statement commits at its Sync. An explicit transaction would
+        # cost two more waits, for BEGIN's and COMMIT's answers, with the row locked.
         messages = protocol_messages_of_a_claim_on_sale(earlier_claims)
         threshold = settings.DATABASES["default"]["OPTIONS"].get("prepare_threshold")
         if threshold is not None and earlier_claims > threshold:
@@ -276,6 +300,38 @@ class TestClaimTransaction:
         sent = [line for line in messages if line.startswith("F\t")]
         assert [line for line in sent if line.endswith("\tSync")] == ["F\t4\tSync"], sent
         assert not any('"BEGIN"' in line or '"COMMIT"' in line for line in sent), sent
+
+    def test_a_holder_whose_claim_committed_while_the_statement_waited_hears_already_claimed(
+        self,
+    ) -> None:
+        # The statement's snapshot predates its wait for the lock, and cannot see the
+        # holder's claim; the contract still answers a holder before a sold-out coupon.
+        coupon = services.create_coupon(name="PROMO", amount=2)
+        services.claim_coupon(coupon_name="PROMO", user_id="first")
+        with (
+            last_unit_taken_while_the_claim_waits(coupon, taker="u"),
+            pytest.raises(AlreadyClaimed),
+        ):
+            services.claim_coupon(coupon_name="PROMO", user_id="u")
+        coupon.refresh_from_db()
+        assert (coupon.remaining_amount, claimants(coupon)) == (0, ["first", "u"])
+
+    def test_a_coupon_sold_out_while_the_statement_waited_is_remembered_as_it_stands(
+        self,
+    ) -> None:
+        coupon = services.create_coupon(name="PROMO", amount=2)
+        services.claim_coupon(coupon_name="PROMO", user_id="first")
+        with last_unit_taken_while_the_claim_waits(coupon, taker="v"), pytest.raises(OutOfStock):
+            services.claim_coupon(coupon_name="PROMO", user_id="u")
+
+        # Answered from the sold-out memory, which knows the last unit's taker.
+        with CaptureQueriesContext(connection) as captured:
+            with pytest.raises(AlreadyClaimed):
+                services.claim_coupon(coupon_name="PROMO", user_id="v")
+            with pytest.raises(OutOfStock):
+                services.claim_coupon(coupon_name="PROMO", user_id="w")
+        assert list(captured) == []
+        assert services.on_sale_memory.get("PROMO") is None
 
     def test_a_claim_inside_a_transaction_opened_by_hand_is_left_to_its_caller(self) -> None:
         # durable=True does not see a transaction opened by switching autocommit off; the
@@ -474,28 +530,14 @@ class TestConcurrentServiceCalls:
         assert coupon.remaining_amount == 0
         assert len(claimants(coupon)) == 5
 
-    def test_concurrent_claims_by_one_user_give_one_unit(
-        self, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
+    def test_concurrent_claims_by_one_user_give_one_unit(self) -> None:
         coupon = services.create_coupon(name="PROMO", amount=10)
-        # The claim's own checks under the lock refuse the repeats, not the unique index.
-        take = services._take_one_unit_without_waiting
-        refused_by_the_index: list[IntegrityError] = []
-
-        def watched_take(*args: Any) -> Any:
-            try:
-                return take(*args)
-            except IntegrityError as refused:
-                refused_by_the_index.append(refused)
-                raise
-
-        monkeypatch.setattr(services, "_take_one_unit_without_waiting", watched_take)
-
+        # A repeat that waited for the first one's lock is refused by the unique index,
+        # one that came after by the statement's own check: both answer already_claimed.
         outcomes = in_threads(
             10, lambda index: services.claim_coupon(coupon_name="PROMO", user_id="same")
         )
 
-        assert refused_by_the_index == []
         assert outcomes.count(None) == 1
         assert all(isinstance(outcome, AlreadyClaimed) for outcome in outcomes if outcome)
         coupon.refresh_from_db()
@@ -526,21 +568,21 @@ class TestConcurrentServiceCalls:
         self,
     ) -> None:
         coupon = services.create_coupon(name="PROMO", amount=1)
-        claim_lock = Coupon.objects.claim_lock
+        take_one_unit = Coupon.objects.take_one_unit
         rivals: list[BaseException | None] = []
 
-        def rival_commits_first(coupon_id: int) -> tuple[str, list[Any]]:
+        def rival_commits_first(*args: Any) -> tuple[str, list[Any]]:
             # The same user's other request takes the last unit between this one's
-            # lock-free check and its lock.
+            # lock-free check and its claim statement.
             if not rivals:
                 rivals.append(None)
                 rivals[:] = in_threads(
                     1, lambda _: services.claim_coupon(coupon_name="PROMO", user_id="u")
                 )
-            return claim_lock(coupon_id)
+            return take_one_unit(*args)
 
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(Coupon.objects, "claim_lock", rival_commits_first)
+            patch.setattr(Coupon.objects, "take_one_unit", rival_commits_first)
             with pytest.raises(AlreadyClaimed):
                 services.claim_coupon(coupon_name="PROMO", user_id="u")
 
