@@ -173,9 +173,9 @@ def claim_coupon(*, coupon_name: str, user_id: str) -> ClaimHistory:
         else:
             locked, claim = _take_one_unit(coupon_id, coupon_name, user_id)
     except IntegrityError:
-        # Caught outside the atomic block, whose transaction is already rolled back. Only
-        # a claim row written without the coupon's lock could get here: the unique
-        # (coupon, user_id) index stood in for the check made under the lock.
+        # Caught outside the transaction, which is already rolled back: a claim by this user
+        # committed after the statement's snapshot (its other request, which held the lock
+        # while this one waited), and the unique (coupon, user_id) index refused this one.
         if ClaimHistory.objects.filter(coupon_id=coupon_id, user_id=user_id).exists():
             raise AlreadyClaimed() from None
         raise
@@ -187,7 +187,7 @@ def claim_coupon(*, coupon_name: str, user_id: str) -> ClaimHistory:
             # Deleted since this process looked (and perhaps made again under its name).
             return claim_coupon(coupon_name=coupon_name, user_id=user_id)
         raise CouponNotFound()
-    # The checks again, as they stood under the lock.
+    # The checks again, on the coupon as the claim's transaction left it.
     if locked.remaining_amount == 0:
         on_sale_memory.discard(coupon_name)
         sold_out_memory.remember(coupon_name, coupon_id, locked.version)
@@ -198,7 +198,7 @@ def claim_coupon(*, coupon_name: str, user_id: str) -> ClaimHistory:
 
 
 class LockedCoupon(NamedTuple):
-    """A coupon as a claim's transaction read it under the coupon's row lock."""
+    """A coupon as a claim's transaction found it, when it took nothing (or the unit's taker)."""
 
     remaining_amount: int
     version: object  # updated_at, as SoldOutMemory compares it
@@ -220,48 +220,55 @@ def _take_one_unit_in_one_statement(
     inside a caller's atomic block it is refused, as a claim commits before it is answered.
 
     When the statement took nothing, what it read of the coupon comes from its snapshot,
-    taken before it waited for the lock: a claim that committed meanwhile (the same user's
+    taken before any wait for the lock: a claim that committed meanwhile (the same user's
     other request, say) is not in it. So unless the user was already seen holding the
     coupon, the coupon is read again, as it stands now: the contract answers a holder with
-    already_claimed before out_of_stock. This costs a round trip only for claims refused
-    under the lock, which are few: the sold-out memory answers the rest.
+    already_claimed before out_of_stock. That read costs a round trip only for claims
+    refused here, which are few: the sold-out memory answers the rest. Should it find stock
+    again (an operator raised the amount or revoked a claim in between), the claim is made
+    once more.
     """
     take = Coupon.objects.take_one_unit(coupon_id, coupon_name, user_id)
     in_autocommit = connection.get_autocommit()  # Connects first, if need be.
-    try:
-        with (
-            contextlib.nullcontext() if in_autocommit else transaction.atomic(durable=True),
-            connection.cursor() as cursor,
-        ):
-            cursor.execute(*take)
-            row = cursor.fetchone()
-    except DatabaseError:
-        # A connection lost mid-claim (the database restarted, the backend was killed) is
-        # dropped now, not at the end of the request: a command claiming in a loop has no
-        # request end, and would fail on the dead connection for good.
-        if connection.connection is not None and connection.connection.closed:
-            connection.close()
-        raise
-    if row is None:
-        return None, None
-    remaining_amount, version, held, claim_id, claimed_at = row
-    if claim_id is not None:
-        claim = ClaimHistory(
-            id=claim_id, coupon_id=coupon_id, user_id=user_id, claimed_at=claimed_at
-        )
-        return LockedCoupon(remaining_amount, version, held), claim
-    if held:
-        return LockedCoupon(remaining_amount, version, held), None
-    now = Coupon.objects.claim_outlook(coupon_name, user_id)
-    if now is None or now[0] != coupon_id:
-        return None, None  # Deleted while the statement waited.
-    return LockedCoupon(remaining_amount=now[1], version=now[2], held=now[3]), None
+    for attempt in range(2):
+        try:
+            with (
+                contextlib.nullcontext() if in_autocommit else transaction.atomic(durable=True),
+                connection.cursor() as cursor,
+            ):
+                cursor.execute(*take)
+                row = cursor.fetchone()
+        except DatabaseError:
+            # A connection lost mid-claim (the database restarted, the backend was killed)
+            # is dropped now, so that the next query reconnects instead of failing until
+            # the request ends. Not inside a caller's transaction: a fresh connection would
+            # quietly commit what the caller writes next.
+            if in_autocommit and connection.connection and connection.connection.closed:
+                connection.close()
+            raise
+        if row is None:
+            return None, None
+        remaining_amount, version, held, claim_id, claimed_at = row
+        if claim_id is not None:
+            claim = ClaimHistory(
+                id=claim_id, coupon_id=coupon_id, user_id=user_id, claimed_at=claimed_at
+            )
+            return LockedCoupon(remaining_amount, version, held), claim
+        if held:
+            return LockedCoupon(remaining_amount, version, held), None
+        now = Coupon.objects.claim_outlook(coupon_name, user_id)
+        if now is None or now[0] != coupon_id:
+            return None, None  # Deleted meanwhile.
+        _, remaining_amount, version, held = now
+        if held or remaining_amount == 0 or attempt:
+            break
+    return LockedCoupon(remaining_amount, version, held), None
 
 
 def _take_one_unit(
     coupon_id: int, coupon_name: str, user_id: str
 ) -> tuple[LockedCoupon | None, ClaimHistory | None]:
-    """A claim's transaction step by step, on databases without pipelining (SQLite).
+    """A claim's transaction step by step, on SQLite.
 
     SQLite's statements cost no network round trip, and its IMMEDIATE transactions take
     the database's write lock as they begin (settings.py), so what they read is current.

@@ -133,7 +133,8 @@ def test_holder_checks_read_the_unique_index_even_on_a_young_table() -> None:
 
 
 def waiting_on_the_index() -> bool:
-    """Whether a claim's statement waits for another transaction's claim row."""
+    """Whether a claim's statement waits for a lock: another transaction's claim row (an
+    index entry), or the coupon's row."""
     with connection.cursor() as cursor:
         # Inside a transaction the statistics views keep their first reading.
         cursor.execute("SELECT pg_stat_clear_snapshot()")
@@ -332,6 +333,63 @@ class TestClaimTransaction:
                 services.claim_coupon(coupon_name="PROMO", user_id="w")
         assert list(captured) == []
         assert services.on_sale_memory.get("PROMO") is None
+
+    def test_stock_back_before_the_second_read_gets_the_claim_made(self) -> None:
+        # An operator raises the amount between the statement that found no stock and the
+        # read that follows it: there is stock again, so the claim is made once more.
+        coupon = services.create_coupon(name="PROMO", amount=2)
+        services.claim_coupon(coupon_name="PROMO", user_id="first")
+        services.claim_coupon(coupon_name="PROMO", user_id="second")
+        assert services.on_sale_memory.get("PROMO") == coupon.pk  # So the look is skipped.
+        claim_outlook = Coupon.objects.claim_outlook
+
+        def amount_raised_first(*args: Any) -> Any:
+            services.change_coupon_amount(coupon_id=coupon.pk, amount=3)
+            return claim_outlook(*args)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(Coupon.objects, "claim_outlook", amount_raised_first)
+            claim = services.claim_coupon(coupon_name="PROMO", user_id="u")
+
+        assert claim.user_id == "u"
+        coupon.refresh_from_db()
+        assert (coupon.remaining_amount, claimants(coupon)) == (0, ["first", "second", "u"])
+
+    def test_a_killed_connection_inside_a_transaction_opened_by_hand_stays_the_callers(
+        self,
+    ) -> None:
+        # Replacing it would let the caller's next writes commit one by one, on a fresh
+        # connection in autocommit, after the first half of its transaction was lost.
+        coupon = services.create_coupon(name="PROMO", amount=5)
+        services.claim_coupon(coupon_name="PROMO", user_id="first")
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            (backend,) = cursor.fetchone()
+
+        def kill_once_the_claim_waits() -> None:
+            try:
+                deadline = time.monotonic() + 10
+                while not waiting_on_the_index() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_terminate_backend(%s, 5000)", [backend])
+            finally:
+                connection.close()
+
+        transaction.set_autocommit(False)
+        try:
+            with row_locked_elsewhere(coupon.pk):
+                killer = threading.Thread(target=kill_once_the_claim_waits)
+                killer.start()
+                with pytest.raises(OperationalError):
+                    services.claim_coupon(coupon_name="PROMO", user_id="second")
+                killer.join()
+            with pytest.raises(DatabaseError):
+                Coupon.objects.filter(name="PROMO").update(amount=6)
+        finally:
+            connection.close()
+            transaction.set_autocommit(True)
+        assert Coupon.objects.get(name="PROMO").amount == 5
 
     def test_a_claim_inside_a_transaction_opened_by_hand_is_left_to_its_caller(self) -> None:
         # durable=True does not see a transaction opened by switching autocommit off; the
