@@ -198,7 +198,7 @@ def claim_coupon(*, coupon_name: str, user_id: str) -> ClaimHistory:
 
 
 class LockedCoupon(NamedTuple):
-    """A coupon as a claim's transaction found it, when it took nothing (or the unit's taker)."""
+    """A coupon as a claim found it: the answer's facts when no unit was taken."""
 
     remaining_amount: int
     version: object  # updated_at, as SoldOutMemory compares it
