@@ -132,18 +132,31 @@ def test_holder_checks_read_the_unique_index_even_on_a_young_table() -> None:
         assert "young_coupon_id_id_idx" not in plan, plan
 
 
-def waiting_on_the_index() -> bool:
-    """Whether a claim's statement waits for a lock: another transaction's claim row (an
-    index entry), or the coupon's row."""
+def a_claim_waits_for_a_lock(within_s: float = 10) -> bool:
+    """Wait until a claim's statement waits for a lock (the coupon's row, or another
+    transaction's claim row in the unique index); False if none did in time."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        with connection.cursor() as cursor:
+            # Inside a transaction the statistics views keep their first reading.
+            cursor.execute("SELECT pg_stat_clear_snapshot()")
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND query LIKE '%%WITH taken AS%%'"
+            )
+            (waiting,) = cursor.fetchone()
+        if waiting:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def backend_pid() -> int:
+    """The PostgreSQL backend of this thread's connection."""
     with connection.cursor() as cursor:
-        # Inside a transaction the statistics views keep their first reading.
-        cursor.execute("SELECT pg_stat_clear_snapshot()")
-        cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE wait_event_type = 'Lock' AND query LIKE '%%WITH taken AS%%'"
-        )
-        (waiting,) = cursor.fetchone()
-    return bool(waiting)
+        cursor.execute("SELECT pg_backend_pid()")
+        (pid,) = cursor.fetchone()
+    return int(pid)
 
 
 def protocol_messages_of_a_claim_on_sale(earlier_claims: int = 1) -> list[str]:
@@ -197,9 +210,7 @@ def last_unit_taken_while_the_claim_waits(coupon: Coupon, taker: str) -> Iterato
         )
 
         def commit_once_the_claim_waits() -> None:
-            deadline = time.monotonic() + 10
-            while not waiting_on_the_index() and time.monotonic() < deadline:
-                time.sleep(0.01)
+            a_claim_waits_for_a_lock()
             connection.close()
             other.commit()
 
@@ -362,15 +373,11 @@ class TestClaimTransaction:
         # connection in autocommit, after the first half of its transaction was lost.
         coupon = services.create_coupon(name="PROMO", amount=5)
         services.claim_coupon(coupon_name="PROMO", user_id="first")
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_backend_pid()")
-            (backend,) = cursor.fetchone()
+        backend = backend_pid()
 
         def kill_once_the_claim_waits() -> None:
             try:
-                deadline = time.monotonic() + 10
-                while not waiting_on_the_index() and time.monotonic() < deadline:
-                    time.sleep(0.01)
+                a_claim_waits_for_a_lock()
                 with connection.cursor() as cursor:
                     cursor.execute("SELECT pg_terminate_backend(%s, 5000)", [backend])
             finally:
@@ -427,9 +434,9 @@ class TestClaimTransaction:
     def test_a_lock_timeout_on_any_claim_of_a_connection_leaves_the_next_one_working(
         self,
     ) -> None:
-        # Whichever run of the statements fails, the one that prepares them included (after
-        # PREPARE_THRESHOLD runs): psycopg must not count as prepared a statement the server
-        # skipped after the error.
+        # Whichever run of the claim's statement fails, the one that prepares it included
+        # (after PREPARE_THRESHOLD runs): psycopg must not count as prepared a statement the
+        # server did not keep.
         coupon = services.create_coupon(name="PROMO", amount=100)
         services.claim_coupon(coupon_name="PROMO", user_id="first")
         for earlier_claims in range(8):
@@ -467,9 +474,7 @@ class TestClaimTransaction:
     def test_a_claim_after_its_connection_was_killed_fails_once_then_reconnects(self) -> None:
         coupon = services.create_coupon(name="PROMO", amount=5)
         services.claim_coupon(coupon_name="PROMO", user_id="first")
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_backend_pid()")
-            (backend,) = cursor.fetchone()
+        backend = backend_pid()
         with psycopg.connect(**connection.get_connection_params(), autocommit=True) as other:
             other.execute("SELECT pg_terminate_backend(%s, 5000)", [backend])
 
@@ -502,10 +507,7 @@ class TestClaimTransaction:
                 ClaimHistory.objects.create(coupon=coupon, user_id="u")
                 written.set()
                 # Commit only once the claim below waits on the unique index.
-                deadline = time.monotonic() + 10
-                while not (waiting := waiting_on_the_index()) and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                assert waiting, "the claim never waited on the unique index"
+                assert a_claim_waits_for_a_lock(), "the claim never waited on the unique index"
 
         def claimer() -> None:
             written.wait(10)
