@@ -276,7 +276,10 @@ def test_claim_on_sold_out_coupon_is_out_of_stock(api_client: APIClient) -> None
     response = post_json(api_client, CLAIM, {"user_id": "second", "coupon_name": "PROMO"})
 
     assert response.status_code == 409
-    assert error_code(response) == "out_of_stock"
+    assert response["Content-Type"] == "application/json"
+    assert response.json() == {
+        "error": {"code": "out_of_stock", "message": "This coupon has no stock left."}
+    }
     assert ClaimHistory.objects.count() == 1
 
 
