@@ -1,9 +1,11 @@
 """The HTTP API: parse, call the service, answer."""
 
+import json
 from collections.abc import Iterable, Mapping
 from http import HTTPStatus
 from typing import IO, Any
 
+from django.conf import settings
 from django.http import HttpResponse
 from rest_framework import viewsets
 from rest_framework.decorators import action
@@ -13,6 +15,7 @@ from rest_framework.parsers import JSONParser
 from rest_framework.renderers import BaseRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.utils.json import strict_constant
 
 from coupons import services
 from coupons.errors import CouponNotFound
@@ -53,6 +56,33 @@ class BoundedJSONParser(JSONParser):
             raise ParseError("JSON parse error - the body is nested too deeply.") from None
 
 
+# What BoundedJSONParser accepts, decoded without DRF's streams (claim_fields).
+_CLAIM_DECODER = json.JSONDecoder(
+    parse_constant=strict_constant if BoundedJSONParser.strict else None
+)
+
+
+def claim_fields(request: Request) -> Any:
+    """The claim's body, as `request.data` would give it, at less cost when it is plain.
+
+    A claim is the hottest request of a flash sale. `request.data` negotiates a parser and
+    reads the body through streams and a decoder: 33 µs of a 240 µs refusal, where decoding
+    the bytes takes a few (docs/performance.md). A body sent as plain `application/json`
+    that holds a plain claim is decoded here as BoundedJSONParser would decode it (in the
+    default charset, refusing NaN and Infinity); anything else, errors included, goes
+    through `request.data`, which answers it as before.
+    """
+    if request.content_type == "application/json":
+        try:
+            fields = _CLAIM_DECODER.decode(request.body.decode(settings.DEFAULT_CHARSET))
+        except (ValueError, RecursionError):
+            pass  # request.data says what is wrong.
+        else:
+            if is_plain_claim(fields):
+                return fields
+    return request.data
+
+
 class CouponViewSet(viewsets.ViewSet):
     """Create coupons, claim them, and read their state."""
 
@@ -89,7 +119,7 @@ class CouponViewSet(viewsets.ViewSet):
 
     @action(detail=False, methods=["post"])
     def claim(self, request: Request) -> Response:
-        fields = request.data
+        fields = claim_fields(request)
         if not is_plain_claim(fields):
             # Only invalid bodies get here (test_serializers.py keeps the two checks equal);
             # the serializer says what is wrong.

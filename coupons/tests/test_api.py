@@ -184,6 +184,61 @@ def test_json_with_a_charset_is_accepted(api_client: APIClient) -> None:
     assert response.status_code == 201
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # JSON's decoder would take the last of two keys, and NaN only with leniency.
+        b'{"user_id": NaN, "user_id": "u", "coupon_name": "PROMO"}',
+        b'{"user_id": "u", "coupon_name": -Infinity, "coupon_name": "PROMO"}',
+        # json.loads() would detect UTF-16 in bytes; the parser reads UTF-8.
+        '{"user_id": "u", "coupon_name": "PROMO"}'.encode("utf-16"),
+    ],
+    ids=["nan-overwritten", "infinity-overwritten", "utf-16"],
+)
+def test_a_claim_body_the_parser_refuses_is_refused_though_it_would_decode_leniently(
+    api_client: APIClient, raw: bytes
+) -> None:
+    post_json(api_client, CREATE, {"name": "PROMO", "amount": 5})
+
+    response = api_client.generic("POST", CLAIM, raw, content_type="application/json")  # type: ignore[arg-type]
+
+    assert response.status_code == 400
+    assert error_code(response) == "invalid_json"
+    assert not ClaimHistory.objects.exists()
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+def test_a_well_formed_claim_sent_as_another_media_type_is_refused(
+    api_client: APIClient, content_type: str
+) -> None:
+    post_json(api_client, CREATE, {"name": "PROMO", "amount": 5})
+
+    response = api_client.generic(
+        "POST", CLAIM, '{"user_id": "u", "coupon_name": "PROMO"}', content_type=content_type
+    )
+
+    assert response.status_code == 415
+    assert error_code(response) == "unsupported_media_type"
+    assert not ClaimHistory.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json; charset=utf-8", "application/JSON", "application/json "]
+)
+def test_a_claim_sent_as_json_in_other_words_is_made(
+    api_client: APIClient, content_type: str
+) -> None:
+    post_json(api_client, CREATE, {"name": "PROMO", "amount": 5})
+
+    response = api_client.generic(
+        "POST", CLAIM, '{"user_id": "u", "coupon_name": "PROMO"}', content_type=content_type
+    )
+
+    assert response.status_code == 201
+    assert response.json()["user_id"] == "u"
+    assert ClaimHistory.objects.get().user_id == "u"
+
+
 @pytest.mark.parametrize("path", [CREATE, CLAIM])
 def test_an_oversized_body_is_refused(api_client: APIClient, path: str) -> None:
     body = json.dumps({"name": "x" * 200_000, "amount": 1})
