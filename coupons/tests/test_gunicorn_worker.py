@@ -1,5 +1,6 @@
-"""The gunicorn worker: it closes a connection at once only when nothing can be reset, and
-answers the requests gunicorn refuses by itself in JSON."""
+"""The gunicorn worker: it closes a connection at once only when nothing can be reset, sends
+a response's head with its body, and answers the requests gunicorn refuses by itself in
+JSON."""
 
 import socket
 import time
@@ -9,6 +10,7 @@ import pytest
 
 from coupons.tests import live
 from coupons.tests.live import LiveServer
+from couponsite.workers import _HeadWithBody
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +93,76 @@ def test_requests_gunicorn_refuses_get_the_apis_json_error(
     assert answer.headers["content-type"] == "application/json"
     assert answer.body["error"]["code"] == code
     assert answer.body["error"]["message"]
+
+
+class RecordingSocket:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bytes]] = []
+
+    def sendall(self, data: bytes) -> None:
+        self.calls.append(("sendall", data))
+
+    def fileno(self) -> int:
+        self.calls.append(("fileno", b""))
+        return 99
+
+
+def test_the_head_goes_out_with_the_first_part_of_the_body() -> None:
+    client = RecordingSocket()
+    response_socket = _HeadWithBody(client)  # type: ignore[arg-type]
+
+    response_socket.sendall(b"HTTP/1.1 409 Conflict\r\n\r\n")
+    assert client.calls == []
+    response_socket.sendall(b"{}")
+    response_socket.sendall(b"more")
+    response_socket.flush()
+
+    assert client.calls == [
+        ("sendall", b"HTTP/1.1 409 Conflict\r\n\r\n{}"),
+        ("sendall", b"more"),
+    ]
+
+
+def test_a_head_without_body_goes_out_when_flushed_or_before_anything_else() -> None:
+    flushed, used = RecordingSocket(), RecordingSocket()
+    head_only = _HeadWithBody(flushed)  # type: ignore[arg-type]
+    head_only.sendall(b"head")
+    head_only.flush()
+    before_sendfile = _HeadWithBody(used)  # type: ignore[arg-type]
+    before_sendfile.sendall(b"head")
+
+    assert before_sendfile.fileno() == 99
+    assert flushed.calls == [("sendall", b"head")]
+    assert used.calls == [("sendall", b"head"), ("fileno", b"")]
+
+
+def test_a_head_request_gets_the_whole_head_and_no_body(one_worker: LiveServer) -> None:
+    client = one_worker.connect()
+    try:
+        client.sendall(b"HEAD /api/coupons/nothing-here HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answer = live.read_until_closed(client)
+    finally:
+        client.close()
+
+    head, separator, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 ")
+    assert separator and body == b""
+    assert b"\r\nContent-Type: application/json" in head
+
+
+def test_an_interim_100_continue_comes_before_the_answer(one_worker: LiveServer) -> None:
+    body = b'{"user_id": "u", "coupon_name": "nothing-here"}'
+    client = one_worker.connect()
+    try:
+        client.sendall(
+            b"POST /api/coupons/claim HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        )
+        assert client.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        client.sendall(body)
+        answer = live.parse_raw(live.read_until_closed(client))
+    finally:
+        client.close()
+
+    assert (answer.status, answer.body["error"]["code"]) == (404, "coupon_not_found")
