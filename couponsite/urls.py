@@ -1,7 +1,7 @@
 """URL routes: the API under /api/, the operators' admin under /admin/."""
 
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import path
 from rest_framework.routers import SimpleRouter
 
 from coupons.api import CouponViewSet
@@ -9,10 +9,12 @@ from coupons.api import CouponViewSet
 router = SimpleRouter()
 # Every API path answers with or without a trailing slash (no redirect for a POST to lose).
 router.trailing_slash = "/?"
-router.register("coupons", CouponViewSet, basename="coupon")
+# Registered with its full prefix rather than under include("api/"): one resolver level
+# less on every claim, 9 µs of a 207 µs refusal (docs/performance.md).
+router.register("api/coupons", CouponViewSet, basename="coupon")
 
 urlpatterns = [
-    path("api/", include(router.urls)),
+    *router.urls,
     path("admin/", admin.site.urls),
 ]
 
