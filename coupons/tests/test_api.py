@@ -207,15 +207,19 @@ def test_a_claim_body_the_parser_refuses_is_refused_though_it_would_decode_lenie
     assert not ClaimHistory.objects.exists()
 
 
+def claim_sent_as(api_client: APIClient, content_type: str) -> Any:
+    """A well-formed claim on a coupon with stock, sent under this Content-Type."""
+    post_json(api_client, CREATE, {"name": "PROMO", "amount": 5})
+    return api_client.generic(
+        "POST", CLAIM, '{"user_id": "u", "coupon_name": "PROMO"}', content_type=content_type
+    )
+
+
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
 def test_a_well_formed_claim_sent_as_another_media_type_is_refused(
     api_client: APIClient, content_type: str
 ) -> None:
-    post_json(api_client, CREATE, {"name": "PROMO", "amount": 5})
-
-    response = api_client.generic(
-        "POST", CLAIM, '{"user_id": "u", "coupon_name": "PROMO"}', content_type=content_type
-    )
+    response = claim_sent_as(api_client, content_type)
 
     assert response.status_code == 415
     assert error_code(response) == "unsupported_media_type"
@@ -228,11 +232,7 @@ def test_a_well_formed_claim_sent_as_another_media_type_is_refused(
 def test_a_claim_sent_as_json_in_other_words_is_made(
     api_client: APIClient, content_type: str
 ) -> None:
-    post_json(api_client, CREATE, {"name": "PROMO", "amount": 5})
-
-    response = api_client.generic(
-        "POST", CLAIM, '{"user_id": "u", "coupon_name": "PROMO"}', content_type=content_type
-    )
+    response = claim_sent_as(api_client, content_type)
 
     assert response.status_code == 201
     assert response.json()["user_id"] == "u"
