@@ -58,7 +58,7 @@ audit: $(VENV)/.installed-dev
 		echo "(no network, or a package mirror without PyPI's JSON API). Nothing known was found; rerun where pypi.org answers."; \
 	fi
 
-## bench: the flash-sale benchmark B1-B4 on PostgreSQL, 3 runs each (about 4 minutes); see docs/performance.md
+## bench: the flash-sale benchmark B1-B4 on PostgreSQL, 3 runs each (about 4 and a half minutes); see docs/performance.md
 bench: $(VENV)/.installed-runtime
 	@command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python bench/run.py

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,14 +224,15 @@ def _stop(master: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def running_service(
-    env: dict[str, str], log_path: Path, tree: Path = REPO_DIR
+    env: dict[str, str], log_path: Path, tree: Path = REPO_DIR, options: Sequence[str] = ()
 ) -> Iterator[Service]:
-    """Run gunicorn from a checkout's gunicorn.conf.py (by default this one) for the
-    duration of the block; it imports that checkout's code."""
+    """Run gunicorn from a checkout's gunicorn.conf.py (by default this one), with options
+    of its command line on top, for the duration of the block; it imports that checkout's
+    code."""
     port = int(env["PORT"])
     with log_path.open("wb") as log:
         master = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *options],
             cwd=tree,
             env=env,
             stdout=log,

@@ -5,6 +5,8 @@
 Creates a throwaway PostgreSQL database (coupons_bench, on DATABASE_URL's server or
 127.0.0.1:5432), migrates it, serves it with gunicorn from gunicorn.conf.py, drives it
 with wrk and pgbench, reads every coupon back to verify it, and drops the database.
+First it measures the yardstick (bench/yardstick_site.py): what the host of the moment
+serves with a bare Django view, the figure issue 3 gives for its reference machine.
 Prints a table, writes bench/results/latest.json and docs/bench-results.svg (--quick:
 bench/results/quick.json and quick.svg, so a quick look never replaces the full
 figures). Exits 1 if any verification failed, 2 if the bench could not run.
@@ -17,6 +19,7 @@ import datetime
 import importlib.metadata
 import io
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -48,11 +51,13 @@ from scenarios import (
     QUICK,
     SCENARIOS,
     WRK_THREADS,
+    YARDSTICK_REFERENCE_PER_S,
     Context,
     RunResult,
     Sizes,
     scenario_names,
     warm_up,
+    yardstick,
 )
 
 RESULTS_DIR = BENCH_DIR / "results"
@@ -209,6 +214,23 @@ def serve_and_run(
     return results, problems
 
 
+def measure_yardstick(
+    env: dict[str, str], tools: Tools, sizes: Sizes, runs: int
+) -> tuple[dict[str, Any], list[str]]:
+    """Measure the yardstick `runs` times; return its figures and any failures."""
+    print("yardstick: a bare Django view answering 409, under gunicorn's stock sync worker")
+    rates, problems = [], []
+    log_path = RESULTS_DIR / "yardstick.log"
+    for run in range(runs):
+        rate, run_problems = yardstick(tools, env, log_path, sizes.yardstick_s)
+        print(f"  yardstick run {run + 1}: requests_per_s {rate:,.2f}")
+        rates.append(rate)
+        run_problems += [f"gunicorn log: {line}" for line in log_problems(log_path)]
+        problems += [f"yardstick run {run + 1}: {problem}" for problem in run_problems]
+    figures = {"median": round(statistics.median(rates)), "runs": [round(r) for r in rates]}
+    return figures, problems
+
+
 def measure(args: argparse.Namespace, tools: Tools, database_url: str) -> dict[str, Any]:
     """Set up the database and the service, run the scenarios, and return the results document."""
     sizes = QUICK if args.quick else FULL
@@ -220,7 +242,9 @@ def measure(args: argparse.Namespace, tools: Tools, database_url: str) -> dict[s
         machine = machine_info(database_url, tools)
         settings = gunicorn_settings(env)
         print(f"gunicorn: {settings}; wrk: {WRK_THREADS} threads, {CONNECTIONS} connections")
-        results, problems = serve_and_run(env, tools, database_url, sizes, args)
+        machine["yardstick_per_s"], problems = measure_yardstick(env, tools, sizes, args.runs)
+        results, scenario_problems = serve_and_run(env, tools, database_url, sizes, args)
+        problems += scenario_problems
     machine["python_loops_per_s"] = {"before": round(speed_before), "after": round(python_speed())}
     problems += [
         f"{name} run {run + 1}: {problem}"
@@ -267,6 +291,10 @@ def report(document: dict[str, Any], quick: bool) -> None:
     speed = machine["python_loops_per_s"]
     print(
         f"\nhost speed (pure-Python loops/s): {speed['before']:,} before, {speed['after']:,} after"
+    )
+    print(
+        f"yardstick (a bare Django view answering 409): {machine['yardstick_per_s']['median']:,}"
+        f" requests/s, where issue 3's reference machine served {YARDSTICK_REFERENCE_PER_S:,}"
     )
     print(f"results: {json_path.relative_to(REPO_DIR)}, chart: {chart_path.relative_to(REPO_DIR)}")
 

@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from drivers import PgbenchResult, Tools, WrkResult, run_pgbench, run_wrk
-from harness import Api, Service, coupon_path, peak_worker_rss_kib, reset_peak_rss, sql
+from harness import (
+    BENCH_DIR,
+    Api,
+    Service,
+    coupon_path,
+    peak_worker_rss_kib,
+    reset_peak_rss,
+    running_service,
+    sql,
+)
 
 CONNECTIONS = 64
 WRK_THREADS = 2
 CLAIMS_CAP_S = 60  # wrk's -d for a fixed number of claims: the run ends when they are answered.
 PGBENCH_CLIENTS = 10
+# Issue 3's figure for a bare Django view answering 409 on its reference machine.
+YARDSTICK_REFERENCE_PER_S = 4_450
 
 
 @dataclass(frozen=True)
@@ -28,6 +41,7 @@ class Sizes:
     b3_read_s: int
     b4_stock: int
     b4_seconds: int
+    yardstick_s: int
 
 
 FULL = Sizes(
@@ -39,6 +53,7 @@ FULL = Sizes(
     b3_read_s=10,
     b4_stock=2_000_000,
     b4_seconds=15,
+    yardstick_s=5,
 )
 QUICK = Sizes(
     b1_stock=100,
@@ -49,6 +64,7 @@ QUICK = Sizes(
     b3_read_s=5,
     b4_stock=2_000_000,
     b4_seconds=5,
+    yardstick_s=3,
 )
 
 
@@ -329,6 +345,33 @@ def database_ceiling(ctx: Context, run: int) -> RunResult:
         details={"transactions": result.transactions, "failed": result.failed},
         problems=problems,
     )
+
+
+def yardstick(
+    tools: Tools, env: dict[str, str], log_path: Path, seconds: int
+) -> tuple[float, list[str]]:
+    """Requests per second of a bare Django view answering 409 (bench/yardstick_site.py),
+    served by gunicorn's stock sync worker and driven as B1 drives claims; with the reasons
+    the run does not count, if any."""
+    env = {
+        **env,
+        "DJANGO_SETTINGS_MODULE": "yardstick_site",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH_DIR), env.get("PYTHONPATH")])),
+    }
+    with running_service(env, log_path, options=["--worker-class", "sync"]) as service:
+        result = run_wrk(
+            tools,
+            f"http://127.0.0.1:{service.port}/api/coupons/claim",
+            connections=CONNECTIONS,
+            threads=WRK_THREADS,
+            duration_s=seconds,
+            script="claim.lua",
+            script_args=["yardstick", "y", "0"],
+        )
+    problems = answer_problems([result])
+    if result.statuses != {409: result.requests}:
+        problems.append(f"the yardstick answered {result.statuses}, not only 409")
+    return result.answered / result.duration_s, problems
 
 
 SCENARIOS: dict[str, Callable[[Context, int], RunResult]] = {
