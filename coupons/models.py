@@ -201,6 +201,10 @@ class Coupon(models.Model):
         return self.remaining_amount == 0
 
 
+# The unique (coupon, user_id) constraint's name, as the database reports a violation of it.
+ONE_CLAIM_PER_USER = "claim_one_per_user"
+
+
 class ClaimHistory(models.Model):
     """One successful claim: a user holds one unit of a coupon."""
 
@@ -219,7 +223,7 @@ class ClaimHistory(models.Model):
         verbose_name_plural = "claims"
         constraints = [
             # Backs the one-claim-per-user rule even if application code were wrong.
-            models.UniqueConstraint(fields=["coupon", "user_id"], name="claim_one_per_user"),
+            models.UniqueConstraint(fields=["coupon", "user_id"], name=ONE_CLAIM_PER_USER),
         ]
         indexes = [
             # The claimed_by listing, in claim order. Partial on "id > 0", which every row

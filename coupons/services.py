@@ -18,7 +18,7 @@ from coupons.errors import (
     CouponNotFound,
     OutOfStock,
 )
-from coupons.models import ClaimHistory, Coupon
+from coupons.models import ONE_CLAIM_PER_USER, ClaimHistory, Coupon
 
 
 def create_coupon(*, name: str, amount: int) -> Coupon:
@@ -172,11 +172,15 @@ def claim_coupon(*, coupon_name: str, user_id: str) -> ClaimHistory:
             locked, claim = _take_one_unit_in_one_statement(coupon_id, coupon_name, user_id)
         else:
             locked, claim = _take_one_unit(coupon_id, coupon_name, user_id)
-    except IntegrityError:
+    except IntegrityError as error:
         # Caught outside the transaction, which is already rolled back: a claim by this user
         # committed after the statement's snapshot (its other request, which held the lock
         # while this one waited), and the unique (coupon, user_id) index refused this one.
-        if ClaimHistory.objects.filter(coupon_id=coupon_id, user_id=user_id).exists():
+        # The user held the coupon then; that stays the answer should the claim be revoked
+        # before this request is answered.
+        if _refused_as_a_repeat(error) or (
+            ClaimHistory.objects.filter(coupon_id=coupon_id, user_id=user_id).exists()
+        ):
             raise AlreadyClaimed() from None
         raise
     if claim is not None:
@@ -195,6 +199,13 @@ def claim_coupon(*, coupon_name: str, user_id: str) -> ClaimHistory:
     if locked.held:
         raise AlreadyClaimed()
     raise OutOfStock()
+
+
+def _refused_as_a_repeat(error: IntegrityError) -> bool:
+    """Whether the database named the unique (coupon, user_id) constraint as what refused a
+    write. PostgreSQL names it; SQLite names none, and a holder is looked for instead."""
+    diagnostic = getattr(error.__cause__, "diag", None)
+    return getattr(diagnostic, "constraint_name", None) == ONE_CLAIM_PER_USER
 
 
 class LockedCoupon(NamedTuple):

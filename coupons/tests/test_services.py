@@ -525,6 +525,29 @@ class TestClaimTransaction:
         coupon.refresh_from_db()
         assert (coupon.remaining_amount, claimants(coupon)) == (3, ["first", "u", "after"])
 
+    def test_a_repeat_refused_by_the_unique_index_is_already_claimed_even_once_revoked(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # The unique index refused a user's repeat, and an operator revoked the claim that
+        # held the coupon before the service could look: still already_claimed, as it was
+        # when the index refused it, not a 500.
+        coupon = services.create_coupon(name="PROMO", amount=5)
+        held = services.claim_coupon(coupon_name="PROMO", user_id="u")
+        with pytest.raises(IntegrityError) as refused, transaction.atomic():
+            ClaimHistory.objects.create(coupon=coupon, user_id="u")
+        services.revoke_claim(claim_id=held.pk)
+
+        def refused_by_the_unique_index(*_: object) -> None:
+            raise refused.value
+
+        monkeypatch.setattr(
+            services, "_take_one_unit_in_one_statement", refused_by_the_unique_index
+        )
+        with pytest.raises(AlreadyClaimed):
+            services.claim_coupon(coupon_name="PROMO", user_id="u")
+        coupon.refresh_from_db()
+        assert (coupon.remaining_amount, claimants(coupon)) == (5, [])
+
 
 def in_threads(count: int, action: Callable[[int], object]) -> list[BaseException | None]:
     """Run action(index) in count threads started together; return what each raised."""
