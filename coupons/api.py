@@ -19,7 +19,7 @@ from rest_framework.utils.json import strict_constant
 
 from coupons import services
 from coupons.errors import CouponNotFound
-from coupons.models import Coupon
+from coupons.models import ClaimHistory, Coupon
 from coupons.serializers import (
     ClaimSerializer,
     CouponCreateSerializer,
@@ -89,6 +89,26 @@ def claim_fields(request: Request) -> Any:
     return fields
 
 
+def claim_answer(coupon_name: str, claim: ClaimHistory) -> HttpResponse:
+    """The 201 answer to a claim, written as DRF's JSONRenderer writes it, without DRF.
+
+    Its fields are three strings, which the renderer writes compact, non-ASCII as is, with
+    U+2028 and U+2029 escaped, the time as DRF's encoder gives it (ending in "Z" in UTC).
+    A Response, its renderer and that encoder took 30 µs of the 370 µs of CPU a winning
+    claim costs (docs/performance.md); test_api.py checks that both write the same bytes.
+    """
+    claimed_at = claim.claimed_at.isoformat()
+    if claimed_at.endswith("+00:00"):
+        claimed_at = claimed_at[:-6] + "Z"
+    body = json.dumps(
+        {"coupon_name": coupon_name, "user_id": claim.user_id, "claimed_at": claimed_at},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    body = body.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    return HttpResponse(body.encode(), status=HTTPStatus.CREATED, content_type="application/json")
+
+
 class CouponViewSet(viewsets.ViewSet):
     """Create coupons, claim them, and read their state."""
 
@@ -124,17 +144,10 @@ class CouponViewSet(viewsets.ViewSet):
         return HttpResponse(details, content_type="application/json")
 
     @action(detail=False, methods=["post"])
-    def claim(self, request: Request) -> Response:
+    def claim(self, request: Request) -> HttpResponse:
         fields = claim_fields(request)
         claim = services.claim_coupon(coupon_name=fields["coupon_name"], user_id=fields["user_id"])
-        return Response(
-            {
-                "coupon_name": fields["coupon_name"],
-                "user_id": claim.user_id,
-                "claimed_at": claim.claimed_at,
-            },
-            status=HTTPStatus.CREATED,
-        )
+        return claim_answer(fields["coupon_name"], claim)
 
     @claim.mapping.get
     def details_of_coupon_named_claim(self, request: Request) -> HttpResponse:

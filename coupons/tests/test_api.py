@@ -1,6 +1,8 @@
 """The HTTP contract of SPEC §3, line by line, on PostgreSQL."""
 
+import datetime
 import json
+import zoneinfo
 from typing import Any
 from urllib.parse import quote
 
@@ -8,8 +10,10 @@ import pytest
 from django.core.signals import request_finished, request_started
 from django.db import close_old_connections, connection
 from django.test import Client, RequestFactory
+from rest_framework.renderers import JSONRenderer
 from rest_framework.test import APIClient
 
+from coupons.api import claim_answer
 from coupons.models import ClaimHistory, Coupon
 from couponsite.wsgi import application
 
@@ -303,6 +307,30 @@ def test_a_claim_takes_one_unit_for_the_user(api_client: APIClient) -> None:
     coupon = Coupon.objects.get(name="PROMO")
     assert coupon.remaining_amount == 1
     assert list(coupon.claims.values_list("user_id", flat=True)) == ["user_12345"]
+
+
+@pytest.mark.parametrize(
+    ("user_id", "claimed_at"),
+    [
+        ("user_12345", datetime.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=datetime.UTC)),
+        ('quote " back\\ slash\ttab', datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)),
+        ("ünïcødé 券 \U0001f600", datetime.datetime(2026, 1, 2, tzinfo=datetime.UTC)),
+        ("line\u2028para\u2029end", datetime.datetime(2026, 1, 2, tzinfo=datetime.UTC)),
+        ("elsewhere", datetime.datetime(2026, 1, 2, tzinfo=zoneinfo.ZoneInfo("Asia/Tokyo"))),
+    ],
+    ids=["plain", "escapes", "non-ascii", "line-separators", "not-utc"],
+)
+def test_a_claims_answer_is_written_as_drfs_renderer_writes_it(
+    user_id: str, claimed_at: datetime.datetime
+) -> None:
+    claim = ClaimHistory(user_id=user_id, claimed_at=claimed_at)
+    fields = {"coupon_name": "PROMO ✓", "user_id": user_id, "claimed_at": claimed_at}
+
+    answer = claim_answer("PROMO ✓", claim)
+
+    assert answer.status_code == 201
+    assert answer["Content-Type"] == "application/json"
+    assert answer.content == JSONRenderer().render(fields)
 
 
 def test_claiming_an_unknown_coupon_is_not_found(api_client: APIClient) -> None:
