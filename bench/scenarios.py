@@ -170,11 +170,14 @@ def claim_problems(api: Api, name: str, stock: int, results: list[WrkResult]) ->
 # Helpers
 
 
-def claim_load(ctx: Context, name: str, prefix: str, *, claims: int = 0, seconds: int) -> WrkResult:
-    """Claim the coupon with wrk: a number of claims (seconds is then a cap), or for seconds."""
+def claim_load(
+    tools: Tools, port: int, name: str, prefix: str, *, claims: int = 0, seconds: int
+) -> WrkResult:
+    """Claim the coupon with wrk on the service at 127.0.0.1:port: a number of claims
+    (seconds is then a cap), or for seconds."""
     return run_wrk(
-        ctx.tools,
-        ctx.url("/api/coupons/claim"),
+        tools,
+        f"http://127.0.0.1:{port}/api/coupons/claim",
         connections=CONNECTIONS,
         threads=WRK_THREADS,
         duration_s=seconds,
@@ -218,7 +221,7 @@ def warm_up(ctx: Context) -> list[str]:
     """Claim for a few seconds so every worker has loaded its code and opened its connection."""
     name = f"warmup-{ctx.tag}"
     ctx.api.create_coupon(name, 1_000_000)
-    result = claim_load(ctx, name, f"w{ctx.tag}", seconds=3)
+    result = claim_load(ctx.tools, ctx.service.port, name, f"w{ctx.tag}", seconds=3)
     return claim_problems(ctx.api, name, 1_000_000, [result])
 
 
@@ -228,7 +231,9 @@ def hot_coupon(ctx: Context, run: int) -> RunResult:
     stock, claims = ctx.sizes.b1_stock, ctx.sizes.b1_claims
     name = f"b1-{ctx.tag}-{run}"
     ctx.api.create_coupon(name, stock)
-    result = claim_load(ctx, name, f"b1{ctx.tag}r{run}", claims=claims, seconds=CLAIMS_CAP_S)
+    result = claim_load(
+        ctx.tools, ctx.service.port, name, f"b1{ctx.tag}r{run}", claims=claims, seconds=CLAIMS_CAP_S
+    )
     problems = claim_problems(ctx.api, name, stock, [result])
     if result.requests < claims:
         problems.append(
@@ -252,8 +257,8 @@ def every_claim_wins(ctx: Context, run: int) -> RunResult:
     stock, seconds = ctx.sizes.b2_stock, ctx.sizes.b2_window_s
     name = f"b2-{ctx.tag}-{run}"
     ctx.api.create_coupon(name, stock)
-    first = claim_load(ctx, name, f"b2{ctx.tag}r{run}a", seconds=seconds)
-    second = claim_load(ctx, name, f"b2{ctx.tag}r{run}b", seconds=seconds)
+    first = claim_load(ctx.tools, ctx.service.port, name, f"b2{ctx.tag}r{run}a", seconds=seconds)
+    second = claim_load(ctx.tools, ctx.service.port, name, f"b2{ctx.tag}r{run}b", seconds=seconds)
     first_rate = first.statuses.get(201, 0) / first.duration_s
     second_rate = second.statuses.get(201, 0) / second.duration_s
     return RunResult(
@@ -359,15 +364,7 @@ def yardstick(
         "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH_DIR), env.get("PYTHONPATH")])),
     }
     with running_service(env, log_path, options=["--worker-class", "sync"]) as service:
-        result = run_wrk(
-            tools,
-            f"http://127.0.0.1:{service.port}/api/coupons/claim",
-            connections=CONNECTIONS,
-            threads=WRK_THREADS,
-            duration_s=seconds,
-            script="claim.lua",
-            script_args=["yardstick", "y", "0"],
-        )
+        result = claim_load(tools, service.port, "yardstick", "y", seconds=seconds)
     problems = answer_problems([result])
     if result.statuses != {409: result.requests}:
         problems.append(f"the yardstick answered {result.statuses}, not only 409")
