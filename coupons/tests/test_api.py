@@ -307,6 +307,10 @@ def test_a_claim_takes_one_unit_for_the_user(api_client: APIClient) -> None:
     coupon = Coupon.objects.get(name="PROMO")
     assert coupon.remaining_amount == 1
     assert list(coupon.claims.values_list("user_id", flat=True)) == ["user_12345"]
+    # The answer's time is the recorded claim's, to the microsecond, in UTC.
+    claimed_at = datetime.datetime.fromisoformat(response.json()["claimed_at"])
+    assert claimed_at == coupon.claims.get().claimed_at
+    assert claimed_at.utcoffset() == datetime.timedelta(0)
 
 
 @pytest.mark.parametrize(
