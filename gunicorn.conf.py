@@ -13,9 +13,7 @@ bind = f"{os.environ.get('HOST') or '127.0.0.1'}:{os.environ.get('PORT') or '808
 # Each worker holds one database connection.
 workers = int(os.environ.get("WEB_CONCURRENCY") or max(2, multiprocessing.cpu_count()))
 threads = int(os.environ.get("GUNICORN_THREADS") or 1)
-# One thread: gunicorn's sync worker, closing each connection as soon as it may and
-# writing each answer's head with its body (couponsite/workers.py).
-worker_class = "gthread" if threads > 1 else "couponsite.workers.SyncWorker"
+worker_class = "gthread" if threads > 1 else "sync"
 
 # A request waiting this long is stuck: the worker is replaced and its transaction, if
 # any, is rolled back by the database when the connection drops.

@@ -8,6 +8,7 @@ from django.db.models import F, QuerySet
 from django.http import HttpRequest
 
 from coupons import services
+from coupons.errors import AmountBelowClaimed
 from coupons.models import ClaimHistory, Coupon
 
 
@@ -33,11 +34,12 @@ class CouponAdminForm(forms.ModelForm[Coupon]):
 
     def clean_amount(self) -> int:
         amount: int = self.cleaned_data["amount"]
-        # A friendly early answer; the service checks it again under the coupon's lock.
-        if self.instance.pk and amount < self.instance.claimed_count:
-            raise forms.ValidationError(
-                f"Cannot be lower than the {self.instance.claimed_count} claims already made."
-            )
+        if self.instance.pk:
+            # An early answer on the form; the service checks again under the coupon's lock.
+            try:
+                self.instance.check_new_amount(amount)
+            except AmountBelowClaimed as refusal:
+                raise forms.ValidationError(refusal.message) from None
         return amount
 
 

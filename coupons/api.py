@@ -1,12 +1,11 @@
 """The HTTP API: parse, call the service, answer."""
 
-import json
 from collections.abc import Iterable, Mapping
 from http import HTTPStatus
 from typing import IO, Any
 
-from django.conf import settings
-from django.http import HttpResponse
+from django.core.exceptions import ValidationError
+from django.http import Http404
 from rest_framework import viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import ParseError
@@ -15,17 +14,11 @@ from rest_framework.parsers import JSONParser
 from rest_framework.renderers import BaseRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.utils.json import strict_constant
 
 from coupons import services
 from coupons.errors import CouponNotFound
-from coupons.models import ClaimHistory, Coupon
-from coupons.serializers import (
-    ClaimSerializer,
-    CouponCreateSerializer,
-    is_plain_claim,
-    is_possible_coupon_name,
-)
+from coupons.models import Coupon
+from coupons.serializers import ClaimSerializer, CouponSerializer
 
 
 class AlwaysJSON(DefaultContentNegotiation):
@@ -56,62 +49,11 @@ class BoundedJSONParser(JSONParser):
             raise ParseError("JSON parse error - the body is nested too deeply.") from None
 
 
-# What BoundedJSONParser accepts, decoded without DRF's streams (claim_fields).
-_CLAIM_DECODER = json.JSONDecoder(
-    parse_constant=strict_constant if BoundedJSONParser.strict else None
-)
-
-
-def claim_fields(request: Request) -> Any:
-    """The claim's fields, from a body checked to hold a plain claim; raises the API's 4xx
-    error if it does not.
-
-    A claim is the hottest request of a flash sale. `request.data` negotiates a parser and
-    reads the body through streams and a decoder: 33 µs of a 240 µs refusal, where decoding
-    the bytes takes a few (docs/performance.md). A body sent as plain `application/json`
-    that holds a plain claim is decoded here as BoundedJSONParser would decode it (in the
-    default charset, refusing NaN and Infinity); anything else, errors included, goes
-    through `request.data`, which answers it as before. Likewise ClaimSerializer, whose
-    errors say what is wrong, runs only for bodies that are not plain claims
-    (test_serializers.py keeps the two checks equal).
-    """
-    if request.content_type == "application/json":
-        try:
-            fields = _CLAIM_DECODER.decode(request.body.decode(settings.DEFAULT_CHARSET))
-        except (ValueError, RecursionError):
-            pass  # request.data says what is wrong.
-        else:
-            if is_plain_claim(fields):
-                return fields
-    fields = request.data
-    if not is_plain_claim(fields):
-        ClaimSerializer(data=fields).is_valid(raise_exception=True)
-    return fields
-
-
-def claim_answer(coupon_name: str, claim: ClaimHistory) -> HttpResponse:
-    """The 201 answer to a claim, written as DRF's JSONRenderer writes it, without DRF.
-
-    Its fields are three strings, which the renderer writes compact, non-ASCII as is, with
-    U+2028 and U+2029 escaped, the time as DRF's encoder gives it (ending in "Z" in UTC).
-    A Response, its renderer and that encoder took 30 µs of the 370 µs of CPU a winning
-    claim costs (docs/performance.md); test_api.py checks that both write the same bytes.
-    """
-    claimed_at = claim.claimed_at.isoformat()
-    if claimed_at.endswith("+00:00"):
-        claimed_at = claimed_at[:-6] + "Z"
-    body = json.dumps(
-        {"coupon_name": coupon_name, "user_id": claim.user_id, "claimed_at": claimed_at},
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
-    body = body.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
-    return HttpResponse(body.encode(), status=HTTPStatus.CREATED, content_type="application/json")
-
-
-class CouponViewSet(viewsets.ViewSet):
+class CouponViewSet(viewsets.GenericViewSet[Coupon]):
     """Create coupons, claim them, and read their state."""
 
+    queryset = Coupon.objects.with_claimants()
+    serializer_class = CouponSerializer
     lookup_field = "name"
     # Any name without "/", percent-encoded in the path.
     lookup_value_regex = "[^/]+"
@@ -120,36 +62,40 @@ class CouponViewSet(viewsets.ViewSet):
 
     def perform_authentication(self, request: Request) -> None:
         """Leave `request.user` unresolved, as DRF suggests where it is not needed: the API
-        authenticates nobody (settings.REST_FRAMEWORK), and a claim should not pay for it."""
+        authenticates nobody (settings.REST_FRAMEWORK)."""
+
+    def get_object(self) -> Coupon:
+        """The coupon named in the path, with its claimants, read in one statement so that
+        the counter and the list agree even while claims commit."""
+        try:
+            # A name no coupon could have (with a control character, say) is not looked up.
+            Coupon._meta.get_field("name").run_validators(self.kwargs["name"])
+            return super().get_object()
+        except (ValidationError, Http404):
+            raise CouponNotFound() from None
 
     def create(self, request: Request) -> Response:
-        serializer = CouponCreateSerializer(data=request.data)
+        serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         coupon = services.create_coupon(**serializer.validated_data)
-        return Response(
-            {
-                "name": coupon.name,
-                "amount": coupon.amount,
-                "remaining_amount": coupon.remaining_amount,
-                "claimed_by": [],
-            },
-            status=HTTPStatus.CREATED,
+        details = self.get_queryset().get(pk=coupon.pk)
+        return Response(self.get_serializer(details).data, HTTPStatus.CREATED)
+
+    def retrieve(self, request: Request, name: str) -> Response:
+        return Response(self.get_serializer(self.get_object()).data)
+
+    @action(detail=False, methods=["post"], serializer_class=ClaimSerializer)
+    def claim(self, request: Request) -> Response:
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        fields = serializer.validated_data
+        claim = services.claim_coupon(
+            coupon_name=fields["coupon"]["name"], user_id=fields["user_id"]
         )
-
-    def retrieve(self, request: Request, name: str) -> HttpResponse:
-        # The database renders the document; passing it through avoids re-parsing it.
-        details = Coupon.objects.details_json(name) if is_possible_coupon_name(name) else None
-        if details is None:
-            raise CouponNotFound()
-        return HttpResponse(details, content_type="application/json")
-
-    @action(detail=False, methods=["post"])
-    def claim(self, request: Request) -> HttpResponse:
-        fields = claim_fields(request)
-        claim = services.claim_coupon(coupon_name=fields["coupon_name"], user_id=fields["user_id"])
-        return claim_answer(fields["coupon_name"], claim)
+        return Response(self.get_serializer(claim).data, HTTPStatus.CREATED)
 
     @claim.mapping.get
-    def details_of_coupon_named_claim(self, request: Request) -> HttpResponse:
+    def details_of_coupon_named_claim(self, request: Request) -> Response:
         # The claim route shadows GET /api/coupons/claim; a coupon may be named "claim".
-        return self.retrieve(request, name="claim")
+        self.kwargs["name"] = "claim"
+        return Response(CouponSerializer(self.get_object()).data)

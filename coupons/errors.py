@@ -1,7 +1,5 @@
 """Domain errors, and the one place where every error becomes a JSON response."""
 
-import functools
-import json
 import logging
 from collections.abc import Callable
 from http import HTTPStatus
@@ -9,8 +7,9 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.db import OperationalError
-from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from rest_framework import exceptions
+from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import set_rollback
 
@@ -78,26 +77,10 @@ _API_EXCEPTION_CODES: dict[type[exceptions.APIException], str] = {
 }
 
 
-@functools.lru_cache(maxsize=64)
-def _refusal_json(code: str, message: str) -> bytes:
-    """The body of a refusal, serialised once: after a sale, every claim gets one of the
-    same two answers, thousands of times a second. (A message that varies, such as
-    AmountBelowClaimed's, only cycles through this bounded cache.)"""
-    return json.dumps(error_body(code, message)).encode()
-
-
-def api_exception_handler(
-    exc: Exception, context: dict[str, Any]
-) -> Response | HttpResponse | None:
+def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     """Render every error raised in an API view as `{"error": {"code", "message", ...}}`."""
     if isinstance(exc, CouponError):
-        # Most answers of a flash sale are these refusals: a ready-made body in a plain
-        # HttpResponse skips DRF's renderer and the JSON encoder (docs/performance.md).
-        return HttpResponse(
-            _refusal_json(exc.code, exc.message),
-            status=exc.status,
-            content_type="application/json",
-        )
+        return Response(error_body(exc.code, exc.message), status=exc.status)
     if isinstance(exc, RequestDataTooBig):
         return Response(PAYLOAD_TOO_LARGE, status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
     if isinstance(exc, OperationalError):
@@ -140,11 +123,16 @@ def _field_errors(detail: Any) -> dict[str, list[str]]:
     return {"body": [str(message) for message in detail]}
 
 
-def _json_error_view(status: HTTPStatus, code: str, message: str) -> Callable[..., JsonResponse]:
-    def view(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+def json_error(body: dict[str, Any], status: HTTPStatus) -> HttpResponse:
+    """An error answered outside DRF's views, written as DRF's renderer writes the API's."""
+    return HttpResponse(JSONRenderer().render(body), status=status, content_type="application/json")
+
+
+def _json_error_view(status: HTTPStatus, code: str, message: str) -> Callable[..., HttpResponse]:
+    def view(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
         if isinstance(exception, RequestDataTooBig):
-            return JsonResponse(PAYLOAD_TOO_LARGE, status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-        return JsonResponse(error_body(code, message), status=status)
+            return json_error(PAYLOAD_TOO_LARGE, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        return json_error(error_body(code, message), status)
 
     return view
 
@@ -156,9 +144,9 @@ permission_denied = _json_error_view(HTTPStatus.FORBIDDEN, "forbidden", "Permiss
 page_not_found = _json_error_view(HTTPStatus.NOT_FOUND, "not_found", "No such path.")
 
 
-def server_error(request: HttpRequest) -> JsonResponse:
+def server_error(request: HttpRequest) -> HttpResponse:
     """Answer an unexpected fault; the details go to the log, not to the client."""
-    return JsonResponse(
+    return json_error(
         error_body("internal_error", "The server failed to handle the request."),
-        status=HTTPStatus.INTERNAL_SERVER_ERROR,
+        HTTPStatus.INTERNAL_SERVER_ERROR,
     )

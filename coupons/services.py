@@ -4,20 +4,14 @@ import contextlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from coupons.errors import (
-    AlreadyClaimed,
-    AmountBelowClaimed,
-    CouponExists,
-    CouponNotFound,
-    OutOfStock,
-)
+from coupons.errors import AlreadyClaimed, CouponExists, CouponNotFound, OutOfStock
 from coupons.models import ONE_CLAIM_PER_USER, ClaimHistory, Coupon
 
 
@@ -30,6 +24,120 @@ def create_coupon(*, name: str, amount: int) -> Coupon:
         if Coupon.objects.filter(name=name).exists():
             raise CouponExists() from None
         raise
+
+
+def claim_coupon(*, coupon_name: str, user_id: str) -> ClaimHistory:
+    """Give one unit of a coupon to a user, or raise why not.
+
+    The checks come in the contract's order: CouponNotFound, then AlreadyClaimed, then
+    OutOfStock. Takes and releases the coupon row's lock; call it outside any transaction.
+    """
+    sold_out_memory.answer(coupon_name, user_id)
+    remembered_id = on_sale_memory.get(coupon_name)
+    coupon_id = remembered_id or _look_before_queueing(coupon_name, user_id)
+
+    try:
+        with transaction.atomic(durable=True):
+            # The row lock serialises every claim, revocation and change of stock on this
+            # coupon, so the counter read here stays true until the commit. The claims
+            # queue on it, one at a time: keep this block to its few round trips.
+            coupon = (
+                Coupon.objects.select_for_update(no_key=True).with_holder(user_id).get(pk=coupon_id)
+            )
+            if coupon.name != coupon_name:
+                raise Coupon.DoesNotExist  # The id was given to another coupon since.
+            if coupon.is_sold_out and not coupon.held:
+                # Had this statement waited for the lock, its EXISTS still saw the claims
+                # as they were before the wait: look again, for the contract's order.
+                coupon.held = coupon.claims.filter(user_id=user_id).exists()
+            if coupon.held:
+                raise AlreadyClaimed()
+            if coupon.is_sold_out:
+                raise OutOfStock()
+            claim = ClaimHistory.objects.create(coupon=coupon, user_id=user_id)
+            Coupon.objects.filter(pk=coupon.pk).update(
+                remaining_amount=F("remaining_amount") - 1, updated_at=claim.claimed_at
+            )
+    except Coupon.DoesNotExist:
+        # Deleted since this process looked it up, and perhaps made anew under its name.
+        on_sale_memory.discard(coupon_name)
+        if remembered_id is None:
+            raise CouponNotFound() from None
+        return claim_coupon(coupon_name=coupon_name, user_id=user_id)
+    except OutOfStock:
+        on_sale_memory.discard(coupon_name)
+        sold_out_memory.remember(coupon_name, coupon.pk, coupon.updated_at)
+        raise
+    except IntegrityError as error:
+        # A claim by this user committed after the lock statement's snapshot (the user's
+        # other request, which held the lock while this one waited), and the unique
+        # (coupon, user_id) index refused this one; the transaction is rolled back.
+        if _refused_as_a_repeat(error, coupon_id, user_id):
+            raise AlreadyClaimed() from None
+        raise
+    return claim
+
+
+def _look_before_queueing(coupon_name: str, user_id: str) -> int:
+    """Return the id of the coupon to claim, or raise the refusal it already warrants.
+
+    Read without any lock: "already claimed" and "sold out" seen in a committed snapshot
+    were true at that moment, so they are honest answers, and the requests that end here
+    never queue for the lock.
+    """
+    coupon = Coupon.objects.with_holder(user_id).filter(name=coupon_name).first()
+    if coupon is None:
+        raise CouponNotFound()
+    if coupon.is_sold_out:
+        sold_out_memory.remember(coupon_name, coupon.pk, coupon.updated_at)
+    if coupon.held:
+        raise AlreadyClaimed()
+    if coupon.is_sold_out:
+        raise OutOfStock()
+    on_sale_memory.add(coupon_name, coupon.pk)
+    return coupon.pk
+
+
+def _refused_as_a_repeat(error: IntegrityError, coupon_id: int, user_id: str) -> bool:
+    """Whether the unique (coupon, user_id) constraint refused a claim.
+
+    PostgreSQL names the constraint, which stays the answer should the claim that held the
+    coupon be revoked before this request is answered; SQLite names none, and the holder
+    is looked for instead.
+    """
+    diagnostic = getattr(error.__cause__, "diag", None)
+    if diagnostic is not None:
+        return getattr(diagnostic, "constraint_name", None) == ONE_CLAIM_PER_USER
+    return ClaimHistory.objects.filter(coupon_id=coupon_id, user_id=user_id).exists()
+
+
+def change_coupon_amount(*, coupon_id: int, amount: int) -> Coupon:
+    """Set a coupon's total stock, keeping the claims made; it cannot go below them."""
+    with transaction.atomic():
+        coupon = Coupon.objects.select_for_update(no_key=True).get(pk=coupon_id)
+        coupon.check_new_amount(amount)
+        coupon.remaining_amount = amount - coupon.claimed_count
+        coupon.amount = amount
+        coupon.save(update_fields=["amount", "remaining_amount", "updated_at"])
+    sold_out_memory.forget(coupon_id)
+    return coupon
+
+
+def revoke_claim(*, claim_id: int) -> bool:
+    """Take a claim back and return its unit to the stock; False if it was already gone."""
+    coupon_id = ClaimHistory.objects.filter(pk=claim_id).values_list("coupon_id", flat=True).first()
+    if coupon_id is None:
+        return False
+    with transaction.atomic():
+        # The same lock as a claim, taken first, so the counter and the ledger move together.
+        list(Coupon.objects.select_for_update(no_key=True).filter(pk=coupon_id).values_list("pk"))
+        deleted, _ = ClaimHistory.objects.filter(pk=claim_id).delete()
+        if deleted:
+            Coupon.objects.filter(pk=coupon_id).update(
+                remaining_amount=F("remaining_amount") + 1, updated_at=timezone.now()
+            )
+    sold_out_memory.forget(coupon_id)
+    return bool(deleted)
 
 
 def _drop_oldest(entries: OrderedDict[str, Any]) -> None:
@@ -109,13 +217,11 @@ class OnSaleMemory:
     """The ids of coupons this process last saw with stock left, by name; bounded.
 
     A claim on one of them skips the lock-free look and goes straight to the coupon's row
-    lock, which makes every check again anyway: while a sale lasts nearly every claim gets
-    that far, and the look cost each one more round trip and a search of the name's
-    index. Only the route is taken from here, never an answer. A claim that finds the
-    coupon sold out or gone drops its entry, so that refusals go back to being answered
-    without the lock. The claim's transaction checks the name on the row it finds by id:
-    a coupon deleted since, or an id given to another coupon after its sequence was reset,
-    counts as gone, and the claim looks again.
+    lock, whose statement reads everything the checks need anyway: while a sale lasts
+    nearly every claim gets that far, and the look would cost each one more round trip.
+    Only the route is taken from here, never an answer. The claim checks the name on the
+    row it locks by id, so a coupon deleted since (or an id given to another coupon after
+    its sequence was reset) counts as gone, and the claim looks again.
     """
 
     max_coupons = 256
@@ -139,196 +245,3 @@ class OnSaleMemory:
 
 
 on_sale_memory = OnSaleMemory()
-
-
-def claim_coupon(*, coupon_name: str, user_id: str) -> ClaimHistory:
-    """Give one unit of a coupon to a user, or raise why not.
-
-    The checks come in the contract's order: CouponNotFound, then AlreadyClaimed, then
-    OutOfStock. Takes and releases the coupon row's lock; call it outside any transaction.
-    """
-    sold_out_memory.answer(coupon_name, user_id)
-
-    coupon_id = on_sale_memory.get(coupon_name)
-    remembered = coupon_id is not None
-    if coupon_id is None:
-        # Read without any lock first: "already claimed" and "sold out" seen in a committed
-        # snapshot were true at that moment, so they are honest answers, and requests that
-        # end here never queue for the lock.
-        outlook = Coupon.objects.claim_outlook(coupon_name, user_id)
-        if outlook is None:
-            raise CouponNotFound()
-        coupon_id, remaining_amount, version, already_claimed = outlook
-        if remaining_amount == 0:
-            sold_out_memory.remember(coupon_name, coupon_id, version)
-        if already_claimed:
-            raise AlreadyClaimed()
-        if remaining_amount == 0:
-            raise OutOfStock()
-        on_sale_memory.add(coupon_name, coupon_id)
-
-    try:
-        if connection.vendor == "postgresql":
-            locked, claim = _take_one_unit_in_one_statement(coupon_id, coupon_name, user_id)
-        else:
-            locked, claim = _take_one_unit(coupon_id, coupon_name, user_id)
-    except IntegrityError as error:
-        # Caught outside the transaction, which is already rolled back: a claim by this user
-        # committed after the statement's snapshot (its other request, which held the lock
-        # while this one waited), and the unique (coupon, user_id) index refused this one.
-        # The user held the coupon then; that stays the answer should the claim be revoked
-        # before this request is answered.
-        if _refused_as_a_repeat(error) or (
-            ClaimHistory.objects.filter(coupon_id=coupon_id, user_id=user_id).exists()
-        ):
-            raise AlreadyClaimed() from None
-        raise
-    if claim is not None:
-        return claim
-    if locked is None:
-        on_sale_memory.discard(coupon_name)
-        if remembered:
-            # Deleted since this process looked (and perhaps made again under its name).
-            return claim_coupon(coupon_name=coupon_name, user_id=user_id)
-        raise CouponNotFound()
-    # The checks again, on the coupon as the claim's transaction left it.
-    if locked.remaining_amount == 0:
-        on_sale_memory.discard(coupon_name)
-        sold_out_memory.remember(coupon_name, coupon_id, locked.version)
-    # A user who holds the coupon hears that first, as the contract orders the checks.
-    if locked.held:
-        raise AlreadyClaimed()
-    raise OutOfStock()
-
-
-def _refused_as_a_repeat(error: IntegrityError) -> bool:
-    """Whether the database named the unique (coupon, user_id) constraint as what refused a
-    write. PostgreSQL names it; SQLite names none, and a holder is looked for instead."""
-    diagnostic = getattr(error.__cause__, "diag", None)
-    return getattr(diagnostic, "constraint_name", None) == ONE_CLAIM_PER_USER
-
-
-class LockedCoupon(NamedTuple):
-    """A coupon as a claim found it: the answer's facts when no unit was taken."""
-
-    remaining_amount: int
-    version: object  # updated_at, as SoldOutMemory compares it
-    held: bool  # by the claiming user
-
-
-def _take_one_unit_in_one_statement(
-    coupon_id: int, coupon_name: str, user_id: str
-) -> tuple[LockedCoupon | None, ClaimHistory | None]:
-    """A claim's transaction on PostgreSQL: one statement, one round trip.
-
-    Django keeps the connection in autocommit between requests, so the statement of
-    take_one_unit() is a transaction of its own: its UPDATE takes the coupon's row lock,
-    checks the stock (again, on the row as committed, if it had to wait), inserts the claim
-    and commits, and the lock is released at that commit. Nothing else is sent, so no
-    worker has to be woken and get a CPU back while the row is locked. Inside a
-    transaction that durable=True lets through (a test case's, or one opened by switching
-    autocommit off) it runs in a savepoint, and the transaction's end is left to its owner;
-    inside a caller's atomic block it is refused, as a claim commits before it is answered.
-
-    When the statement took nothing, what it read of the coupon comes from its snapshot,
-    taken before any wait for the lock: a claim that committed meanwhile (the same user's
-    other request, say) is not in it. So unless the user was already seen holding the
-    coupon, the coupon is read again, as it stands now: the contract answers a holder with
-    already_claimed before out_of_stock. That read costs a round trip only for claims
-    refused here, which are few: the sold-out memory answers the rest. Should it find stock
-    again (an operator raised the amount or revoked a claim in between), the claim is made
-    once more.
-    """
-    take = Coupon.objects.take_one_unit(coupon_id, coupon_name, user_id)
-    in_autocommit = connection.get_autocommit()  # Connects first, if need be.
-    for attempt in range(2):
-        try:
-            with (
-                contextlib.nullcontext() if in_autocommit else transaction.atomic(durable=True),
-                connection.cursor() as cursor,
-            ):
-                cursor.execute(*take)
-                row = cursor.fetchone()
-        except DatabaseError:
-            # A connection lost mid-claim (the database restarted, the backend was killed)
-            # is dropped now, so that the next query reconnects instead of failing until
-            # the request ends. Not inside a caller's transaction: a fresh connection would
-            # quietly commit what the caller writes next.
-            if in_autocommit and connection.connection and connection.connection.closed:
-                connection.close()
-            raise
-        if row is None:
-            return None, None
-        remaining_amount, version, held, claim_id, claimed_at = row
-        if claim_id is not None:
-            claim = ClaimHistory(
-                id=claim_id, coupon_id=coupon_id, user_id=user_id, claimed_at=claimed_at
-            )
-            return LockedCoupon(remaining_amount, version, held), claim
-        if held:
-            return LockedCoupon(remaining_amount, version, held), None
-        now = Coupon.objects.claim_outlook(coupon_name, user_id)
-        if now is None or now[0] != coupon_id:
-            return None, None  # Deleted meanwhile.
-        _, remaining_amount, version, held = now
-        if held or remaining_amount == 0 or attempt:
-            break
-    return LockedCoupon(remaining_amount, version, held), None
-
-
-def _take_one_unit(
-    coupon_id: int, coupon_name: str, user_id: str
-) -> tuple[LockedCoupon | None, ClaimHistory | None]:
-    """A claim's transaction step by step, on SQLite.
-
-    SQLite's statements cost no network round trip, and its IMMEDIATE transactions take
-    the database's write lock as they begin (settings.py), so what they read is current.
-    """
-    with transaction.atomic(durable=True):
-        with connection.cursor() as cursor:
-            cursor.execute(*Coupon.objects.claim_lock(coupon_id))
-            row = cursor.fetchone()
-        if row is None or row[2] != coupon_name:
-            return None, None
-        held = ClaimHistory.objects.filter(coupon_id=coupon_id, user_id=user_id).exists()
-        locked = LockedCoupon(remaining_amount=row[0], version=row[1], held=held)
-        if held or locked.remaining_amount == 0:
-            return locked, None
-        claim = ClaimHistory.objects.create(coupon_id=coupon_id, user_id=user_id)
-        Coupon.objects.filter(pk=coupon_id).update(
-            remaining_amount=F("remaining_amount") - 1, updated_at=claim.claimed_at
-        )
-    return locked, claim
-
-
-def change_coupon_amount(*, coupon_id: int, amount: int) -> Coupon:
-    """Set a coupon's total stock, keeping the claims made; it cannot go below them."""
-    with transaction.atomic():
-        coupon = Coupon.objects.select_for_update(no_key=True).get(pk=coupon_id)
-        claimed_count = coupon.claimed_count
-        if amount < claimed_count:
-            raise AmountBelowClaimed(
-                f"The amount cannot be lower than the {claimed_count} claims already made."
-            )
-        coupon.amount = amount
-        coupon.remaining_amount = amount - claimed_count
-        coupon.save(update_fields=["amount", "remaining_amount", "updated_at"])
-    sold_out_memory.forget(coupon_id)
-    return coupon
-
-
-def revoke_claim(*, claim_id: int) -> bool:
-    """Take a claim back and return its unit to the stock; False if it was already gone."""
-    coupon_id = ClaimHistory.objects.filter(pk=claim_id).values_list("coupon_id", flat=True).first()
-    if coupon_id is None:
-        return False
-    with transaction.atomic():
-        # The same lock as a claim, taken first, so the counter and the ledger move together.
-        list(Coupon.objects.select_for_update(no_key=True).filter(pk=coupon_id).values_list("pk"))
-        deleted, _ = ClaimHistory.objects.filter(pk=claim_id).delete()
-        if deleted:
-            Coupon.objects.filter(pk=coupon_id).update(
-                remaining_amount=F("remaining_amount") + 1, updated_at=timezone.now()
-            )
-    sold_out_memory.forget(coupon_id)
-    return bool(deleted)

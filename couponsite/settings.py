@@ -69,17 +69,15 @@ INSTALLED_APPS = [
     "coupons",
 ]
 
-# Django's session, CSRF, authentication and message middleware, skipped for the API
-# (couponsite/middleware.py); the admin gets them as usual.
 MIDDLEWARE = [
     "couponsite.middleware.HeadWithoutBody",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
-    "couponsite.middleware.AdminSessionMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
-    "couponsite.middleware.AdminCsrfViewMiddleware",
-    "couponsite.middleware.AdminAuthenticationMiddleware",
-    "couponsite.middleware.AdminMessageMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 

@@ -19,14 +19,21 @@ def stock() -> dict[str, tuple[int, int]]:
 def test_seed_creates_coupons_from_arguments_and_is_safe_to_rerun(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    call_command("seed_coupons", "PROMO_SUPER:100", "TIME:10:30:5")
+    call_command("seed_coupons", "PROMO_SUPER:100", "TIME:10:30:5", verbosity=2)
     first = capsys.readouterr().out
-    call_command("seed_coupons", "PROMO_SUPER:999")
+    call_command("seed_coupons", "PROMO_SUPER:999", "NEW:1")
     second = capsys.readouterr().out
 
-    assert stock() == {"PROMO_SUPER": (100, 100), "TIME:10:30": (5, 5)}
-    assert "created PROMO_SUPER" in first and "2 created, 0 skipped" in first
-    assert "skipped PROMO_SUPER" in second and "0 created, 1 skipped" in second
+    assert stock() == {"PROMO_SUPER": (100, 100), "TIME:10:30": (5, 5), "NEW": (1, 1)}
+    assert "created PROMO_SUPER (amount 100)" in first and "2 created, 0 skipped" in first
+    assert "1 created, 1 skipped (already exist). Skipped: PROMO_SUPER" in second
+
+
+def test_seed_says_nothing_at_verbosity_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    call_command("seed_coupons", "PROMO_SUPER:100", verbosity=0)
+
+    assert capsys.readouterr() == ("", "")
+    assert stock() == {"PROMO_SUPER": (100, 100)}
 
 
 def test_seed_reads_a_json_file(tmp_path: Path) -> None:
@@ -38,13 +45,46 @@ def test_seed_reads_a_json_file(tmp_path: Path) -> None:
     assert stock() == {"A": (1, 1), "B券": (2, 2)}
 
 
-def test_seed_reads_a_csv_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig"], ids=["plain", "byte-order-mark"])
+def test_seed_reads_a_csv_file(tmp_path: Path, encoding: str) -> None:
     path = tmp_path / "coupons.csv"
-    path.write_text('name,amount\nA,1\n"Sale, big",20\n', encoding="utf-8")
+    path.write_text('name,amount\nA,1\n"Sale, big",20\n', encoding=encoding)
 
     call_command("seed_coupons", "--file", str(path))
 
     assert stock() == {"A": (1, 1), "Sale, big": (20, 20)}
+
+
+def test_seed_names_every_invalid_coupon_in_plain_words(tmp_path: Path) -> None:
+    path = tmp_path / "coupons.csv"
+    path.write_text("name,amount\nOK,1\nZERO,0\nA/B,5\n")
+
+    with pytest.raises(CommandError) as refused:
+        call_command("seed_coupons", "--file", str(path))
+
+    message = str(refused.value)
+    assert "coupons.csv line 3: amount: Ensure this value is greater than or equal to 1." in message
+    assert "coupons.csv line 4: name: Must not contain '/'." in message
+    assert "ErrorDetail" not in message
+    assert not Coupon.objects.exists()
+
+
+def test_seed_refuses_a_name_given_twice(tmp_path: Path) -> None:
+    path = tmp_path / "coupons.json"
+    path.write_text(json.dumps([{"name": "A", "amount": 1}, {"name": "A", "amount": 2}]))
+
+    with pytest.raises(CommandError, match="item 2: 'A' is already given at coupons.json item 1"):
+        call_command("seed_coupons", "--file", str(path))
+    assert not Coupon.objects.exists()
+
+
+@pytest.mark.parametrize(("content", "suffix"), [("name,amount\n", ".csv"), ("[]", ".json")])
+def test_seed_says_when_a_file_holds_no_coupons(tmp_path: Path, content: str, suffix: str) -> None:
+    path = tmp_path / f"empty{suffix}"
+    path.write_text(content)
+
+    with pytest.raises(CommandError, match=f"empty{suffix} holds no coupons"):
+        call_command("seed_coupons", "--file", str(path))
 
 
 @pytest.mark.parametrize(

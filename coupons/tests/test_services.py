@@ -1,6 +1,7 @@
 """The write paths, called directly: rules, database constraints, and real threads on PostgreSQL."""
 
 import contextlib
+import re
 import tempfile
 import threading
 import time
@@ -111,7 +112,7 @@ def test_holder_checks_read_the_unique_index_even_on_a_young_table() -> None:
     # the table with its indexes is always that young: autovacuum never analyzes it.
     coupon = services.create_coupon(name="PROMO", amount=50)
     with CaptureQueriesContext(connection) as captured:
-        # The lock-free look, and the statement that takes a unit under the lock.
+        # The lock-free look, and the lock statement: each asks whether the user holds it.
         services.claim_coupon(coupon_name="PROMO", user_id="u3")
     claims = ClaimHistory._meta.db_table
     plans = []
@@ -122,7 +123,11 @@ def test_holder_checks_read_the_unique_index_even_on_a_young_table() -> None:
             " SELECT n, %s, 'u' || n, now() FROM generate_series(1, 20) n",
             [coupon.pk],
         )
-        holder_checks = [query["sql"] for query in captured if claims in query["sql"]]
+        holder_checks = [
+            query["sql"]
+            for query in captured
+            if query["sql"].startswith("SELECT") and claims in query["sql"]
+        ]
         for sql in holder_checks:
             cursor.execute(f"EXPLAIN {sql.replace(claims, 'young')}")
             plans.append("\n".join(line for (line,) in cursor.fetchall()))
@@ -132,9 +137,9 @@ def test_holder_checks_read_the_unique_index_even_on_a_young_table() -> None:
         assert "young_coupon_id_id_idx" not in plan, plan
 
 
-def a_claim_waits_for_a_lock(within_s: float = 10) -> bool:
-    """Wait until a claim's statement waits for a lock (the coupon's row, or another
-    transaction's claim row in the unique index); False if none did in time."""
+def a_claim_waits_for_a_lock(statement: str = "FOR NO KEY UPDATE", within_s: float = 10) -> bool:
+    """Wait until a claim's statement containing `statement` waits for a lock (the coupon's
+    row, or another transaction's claim row in the unique index); False if none did."""
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         with connection.cursor() as cursor:
@@ -142,7 +147,8 @@ def a_claim_waits_for_a_lock(within_s: float = 10) -> bool:
             cursor.execute("SELECT pg_stat_clear_snapshot()")
             cursor.execute(
                 "SELECT count(*) FROM pg_stat_activity"
-                " WHERE wait_event_type = 'Lock' AND query LIKE '%%WITH taken AS%%'"
+                " WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                [f"%{statement}%"],
             )
             (waiting,) = cursor.fetchone()
         if waiting:
@@ -159,15 +165,10 @@ def backend_pid() -> int:
     return int(pid)
 
 
-def protocol_messages_of_a_claim_on_sale(earlier_claims: int = 1) -> list[str]:
-    """The protocol messages of a claim on a coupon on sale, from libpq's trace.
-
-    One line per message in the order sent (F) and received (B), such as "F\t4\tSync".
-    After more than PREPARE_THRESHOLD earlier claims, the statements run prepared.
-    """
-    services.create_coupon(name="PROMO", amount=earlier_claims + 1)
-    for number in range(earlier_claims):
-        services.claim_coupon(coupon_name="PROMO", user_id=f"earlier-{number}")
+def statements_sent_by_a_claim_on_sale() -> list[str]:
+    """The SQL a claim on a coupon on sale sends, in order, read from libpq's protocol trace."""
+    services.create_coupon(name="PROMO", amount=5)
+    services.claim_coupon(coupon_name="PROMO", user_id="first")
     pgconn = connection.connection.pgconn
     with tempfile.TemporaryFile() as trace:
         pgconn.trace(trace.fileno())
@@ -177,7 +178,17 @@ def protocol_messages_of_a_claim_on_sale(earlier_claims: int = 1) -> list[str]:
         finally:
             pgconn.untrace()
         trace.seek(0)
-        return trace.read().decode().splitlines()
+        lines = trace.read().decode().splitlines()
+    # A simple query (F, length, "Query", ' "BEGIN"') or a statement parsed for its
+    # parameters (F, length, "Parse", ' "<name>" "<SQL>" <parameter count> <types>').
+    statements = []
+    for line in lines:
+        direction, _, message, *rest = line.split("\t")
+        if direction == "F" and message == "Query":
+            statements.append(re.fullmatch(r' "(.*)"', rest[0], re.S)[1])  # type: ignore[index]
+        elif direction == "F" and message == "Parse":
+            statements.append(re.fullmatch(r' "[^"]*" "(.*)"[ \d]*', rest[0], re.S)[1])  # type: ignore[index]
+    return statements
 
 
 @contextlib.contextmanager
@@ -193,10 +204,23 @@ def row_locked_elsewhere(coupon_id: int) -> Iterator[None]:
             other.rollback()
 
 
+def row_is_locked(coupon_id: int) -> bool:
+    """Whether another transaction holds a lock on the coupon's row that a claim would wait for."""
+    with psycopg.connect(**connection.get_connection_params()) as other:
+        try:
+            other.execute(
+                f"SELECT 1 FROM {Coupon._meta.db_table} WHERE id = %s FOR NO KEY UPDATE NOWAIT",
+                [coupon_id],
+            )
+        except psycopg.errors.LockNotAvailable:
+            return True
+        return False
+
+
 @contextlib.contextmanager
 def last_unit_taken_while_the_claim_waits(coupon: Coupon, taker: str) -> Iterator[None]:
     """Another transaction takes the coupon's last unit for taker, holding its row lock, and
-    commits once a claim's statement inside the block waits for that lock."""
+    commits once a claim's lock statement inside the block waits for that lock."""
     coupon_table, claim_table = Coupon._meta.db_table, ClaimHistory._meta.db_table
     with psycopg.connect(**connection.get_connection_params()) as other:
         other.execute(f"SELECT 1 FROM {coupon_table} WHERE id = %s FOR UPDATE", [coupon.pk])
@@ -236,16 +260,73 @@ REFUSE_AT_COMMIT = """
 
 @pytest.mark.django_db(transaction=True)
 class TestClaimTransaction:
-    """How a claim reaches PostgreSQL while its coupon is on sale."""
+    """The claim's transaction on PostgreSQL: the row lock taken by select_for_update(), held
+    through the checks and the writes, released at the commit."""
 
-    def test_a_claim_on_sale_skips_the_look_and_is_one_statement(self) -> None:
-        services.create_coupon(name="PROMO", amount=5)
+    def test_a_claim_on_sale_locks_the_coupon_row_first_in_its_transaction(self) -> None:
+        coupon_table, claim_table = Coupon._meta.db_table, ClaimHistory._meta.db_table
+
+        statements = statements_sent_by_a_claim_on_sale()
+
+        assert len(statements) == 5, statements
+        begin, lock, insert, update, commit = statements
+        assert (begin, commit) == ("BEGIN", "COMMIT")
+        assert lock.startswith("SELECT") and f'FROM "{coupon_table}"' in lock, lock
+        assert lock.endswith("FOR NO KEY UPDATE"), lock
+        assert insert.startswith(f'INSERT INTO "{claim_table}"'), insert
+        assert update.startswith(f'UPDATE "{coupon_table}"'), update
+
+    def test_the_row_stays_locked_from_the_lock_statement_to_the_commit(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        coupon = services.create_coupon(name="PROMO", amount=5)
         services.claim_coupon(coupon_name="PROMO", user_id="first")
-        with CaptureQueriesContext(connection) as captured:
-            services.claim_coupon(coupon_name="PROMO", user_id="second")
-        statements = [query["sql"] for query in captured]
-        assert len(statements) == 1, statements
-        assert statements[0].lstrip().startswith("WITH taken AS")
+        checked, go_on = threading.Event(), threading.Event()
+        record_claim = ClaimHistory.objects.create
+
+        def pause_after_the_checks(**fields: Any) -> ClaimHistory:
+            checked.set()
+            go_on.wait(10)
+            return record_claim(**fields)
+
+        monkeypatch.setattr(ClaimHistory.objects, "create", pause_after_the_checks)
+        claimer = threading.Thread(
+            target=lambda: services.claim_coupon(coupon_name="PROMO", user_id="second")
+        )
+        claimer.start()
+        try:
+            assert checked.wait(10), "the claim never reached its write"
+            locked_during_the_claim = row_is_locked(coupon.pk)
+        finally:
+            go_on.set()
+            claimer.join()
+
+        assert locked_during_the_claim
+        assert not row_is_locked(coupon.pk)
+        coupon.refresh_from_db()
+        assert (coupon.remaining_amount, claimants(coupon)) == (3, ["first", "second"])
+
+    def test_a_claim_queues_for_the_row_lock_at_its_lock_statement(self) -> None:
+        coupon = services.create_coupon(name="PROMO", amount=5)
+        services.claim_coupon(coupon_name="PROMO", user_id="first")
+        outcome: list[BaseException | None] = []
+
+        with row_locked_elsewhere(coupon.pk):
+            claimer = threading.Thread(
+                target=lambda: outcome.extend(
+                    in_threads(
+                        1, lambda _: services.claim_coupon(coupon_name="PROMO", user_id="second")
+                    )
+                )
+            )
+            claimer.start()
+            waited_at_the_lock_statement = a_claim_waits_for_a_lock("FOR NO KEY UPDATE")
+        claimer.join()
+
+        assert waited_at_the_lock_statement
+        assert outcome == [None]
+        coupon.refresh_from_db()
+        assert claimants(coupon) == ["first", "second"]
 
     def test_a_coupon_deleted_during_its_sale_is_not_found_under_the_lock(self) -> None:
         coupon = services.create_coupon(name="PROMO", amount=5)
@@ -292,31 +373,10 @@ class TestClaimTransaction:
         assert (memory.get("coupon-1"), memory.get("coupon-2")) == (1, 2)
         assert memory.get(f"coupon-{memory.max_coupons}") == memory.max_coupons
 
-    def test_the_statement_and_the_sync_are_sent_before_any_answer_is_read(self) -> None:
-        # The Sync that commits must be on its way before the statement's answer comes
-        # back, so that no worker needs a CPU while the coupon's row is locked.
-        messages = protocol_messages_of_a_claim_on_sale()
-        take_sent = next(i for i, line in enumerate(messages) if "WITH taken AS" in line)
-        sync_sent = messages.index("F\t4\tSync")
-        first_answer = next(i for i, line in enumerate(messages) if line.startswith("B\t"))
-        assert take_sent < sync_sent < first_answer, messages
-
-    @pytest.mark.parametrize("earlier_claims", [1, 10], ids=["parsed", "prepared"])
-    def test_a_claim_on_sale_is_its_own_transaction_and_one_wait(self, earlier_claims: int) -> None:
-        # In autocommit the statement commits at its Sync. An explicit transaction would
-        # cost two more waits, for BEGIN's and COMMIT's answers, with the row locked.
-        messages = protocol_messages_of_a_claim_on_sale(earlier_claims)
-        threshold = settings.DATABASES["default"]["OPTIONS"].get("prepare_threshold")
-        if threshold is not None and earlier_claims > threshold:
-            assert not any("\tParse\t" in line for line in messages), messages
-        sent = [line for line in messages if line.startswith("F\t")]
-        assert [line for line in sent if line.endswith("\tSync")] == ["F\t4\tSync"], sent
-        assert not any('"BEGIN"' in line or '"COMMIT"' in line for line in sent), sent
-
-    def test_a_holder_whose_claim_committed_while_the_statement_waited_hears_already_claimed(
+    def test_a_holder_whose_claim_committed_while_the_lock_was_awaited_hears_already_claimed(
         self,
     ) -> None:
-        # The statement's snapshot predates its wait for the lock, and cannot see the
+        # The lock statement's snapshot predates its wait for the lock, and cannot see the
         # holder's claim; the contract still answers a holder before a sold-out coupon.
         coupon = services.create_coupon(name="PROMO", amount=2)
         services.claim_coupon(coupon_name="PROMO", user_id="first")
@@ -328,7 +388,7 @@ class TestClaimTransaction:
         coupon.refresh_from_db()
         assert (coupon.remaining_amount, claimants(coupon)) == (0, ["first", "u"])
 
-    def test_a_coupon_sold_out_while_the_statement_waited_is_remembered_as_it_stands(
+    def test_a_coupon_sold_out_while_the_lock_was_awaited_is_remembered_as_it_stands(
         self,
     ) -> None:
         coupon = services.create_coupon(name="PROMO", amount=2)
@@ -344,75 +404,6 @@ class TestClaimTransaction:
                 services.claim_coupon(coupon_name="PROMO", user_id="w")
         assert list(captured) == []
         assert services.on_sale_memory.get("PROMO") is None
-
-    def test_stock_back_before_the_second_read_gets_the_claim_made(self) -> None:
-        # An operator raises the amount between the statement that found no stock and the
-        # read that follows it: there is stock again, so the claim is made once more.
-        coupon = services.create_coupon(name="PROMO", amount=2)
-        services.claim_coupon(coupon_name="PROMO", user_id="first")
-        services.claim_coupon(coupon_name="PROMO", user_id="second")
-        assert services.on_sale_memory.get("PROMO") == coupon.pk  # So the look is skipped.
-        claim_outlook = Coupon.objects.claim_outlook
-
-        def amount_raised_first(*args: Any) -> Any:
-            services.change_coupon_amount(coupon_id=coupon.pk, amount=3)
-            return claim_outlook(*args)
-
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(Coupon.objects, "claim_outlook", amount_raised_first)
-            claim = services.claim_coupon(coupon_name="PROMO", user_id="u")
-
-        assert claim.user_id == "u"
-        coupon.refresh_from_db()
-        assert (coupon.remaining_amount, claimants(coupon)) == (0, ["first", "second", "u"])
-
-    def test_a_killed_connection_inside_a_transaction_opened_by_hand_stays_the_callers(
-        self,
-    ) -> None:
-        # Replacing it would let the caller's next writes commit one by one, on a fresh
-        # connection in autocommit, after the first half of its transaction was lost.
-        coupon = services.create_coupon(name="PROMO", amount=5)
-        services.claim_coupon(coupon_name="PROMO", user_id="first")
-        backend = backend_pid()
-
-        def kill_once_the_claim_waits() -> None:
-            try:
-                a_claim_waits_for_a_lock()
-                with connection.cursor() as cursor:
-                    cursor.execute("SELECT pg_terminate_backend(%s, 5000)", [backend])
-            finally:
-                connection.close()
-
-        transaction.set_autocommit(False)
-        try:
-            with row_locked_elsewhere(coupon.pk):
-                killer = threading.Thread(target=kill_once_the_claim_waits)
-                killer.start()
-                with pytest.raises(OperationalError):
-                    services.claim_coupon(coupon_name="PROMO", user_id="second")
-                killer.join()
-            with pytest.raises(DatabaseError):
-                Coupon.objects.filter(name="PROMO").update(amount=6)
-        finally:
-            connection.close()
-            transaction.set_autocommit(True)
-        assert Coupon.objects.get(name="PROMO").amount == 5
-
-    def test_a_claim_inside_a_transaction_opened_by_hand_is_left_to_its_caller(self) -> None:
-        # durable=True does not see a transaction opened by switching autocommit off; the
-        # claim must then neither commit the caller's work nor outlive its rollback.
-        coupon = services.create_coupon(name="PROMO", amount=5)
-        services.claim_coupon(coupon_name="PROMO", user_id="first")
-        transaction.set_autocommit(False)
-        try:
-            Coupon.objects.filter(pk=coupon.pk).update(amount=999)
-            services.claim_coupon(coupon_name="PROMO", user_id="second")
-            transaction.rollback()
-        finally:
-            transaction.set_autocommit(True)
-
-        coupon.refresh_from_db()
-        assert (coupon.amount, coupon.remaining_amount, claimants(coupon)) == (5, 4, ["first"])
 
     def test_a_lock_timeout_is_a_database_error_and_the_connection_claims_on(self) -> None:
         coupon = services.create_coupon(name="PROMO", amount=5)
@@ -434,7 +425,7 @@ class TestClaimTransaction:
     def test_a_lock_timeout_on_any_claim_of_a_connection_leaves_the_next_one_working(
         self,
     ) -> None:
-        # Whichever run of the claim's statement fails, the one that prepares it included
+        # Whichever run of the lock statement fails, the one that prepares it included
         # (after PREPARE_THRESHOLD runs): psycopg must not count as prepared a statement the
         # server did not keep.
         coupon = services.create_coupon(name="PROMO", amount=100)
@@ -455,7 +446,7 @@ class TestClaimTransaction:
         assert not any(user.endswith("-late") for user in claimants(coupon))
 
     def test_an_error_at_the_commit_rolls_the_claim_back_and_the_next_claim_works(self) -> None:
-        # A deferred trigger fails only as the implicit transaction commits, at the Sync.
+        # A deferred trigger fails only as the transaction commits.
         coupon = services.create_coupon(name="PROMO", amount=5)
         services.claim_coupon(coupon_name="PROMO", user_id="first")
         with connection.cursor() as cursor:
@@ -486,6 +477,29 @@ class TestClaimTransaction:
         coupon.refresh_from_db()
         assert (coupon.remaining_amount, claimants(coupon)) == (3, ["first", "third"])
 
+    def test_a_connection_killed_while_the_claim_holds_the_lock_leaves_no_half_claim(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        coupon = services.create_coupon(name="PROMO", amount=5)
+        services.claim_coupon(coupon_name="PROMO", user_id="first")
+        backend = backend_pid()
+        record_claim = ClaimHistory.objects.create
+
+        def killed_after_the_insert(**fields: Any) -> ClaimHistory:
+            claim = record_claim(**fields)
+            with psycopg.connect(**connection.get_connection_params(), autocommit=True) as other:
+                other.execute("SELECT pg_terminate_backend(%s, 5000)", [backend])
+            return claim
+
+        monkeypatch.setattr(ClaimHistory.objects, "create", killed_after_the_insert)
+        with pytest.raises(OperationalError):
+            services.claim_coupon(coupon_name="PROMO", user_id="second")
+        monkeypatch.undo()
+        services.claim_coupon(coupon_name="PROMO", user_id="third")
+
+        coupon.refresh_from_db()
+        assert (coupon.remaining_amount, claimants(coupon)) == (3, ["first", "third"])
+
     def test_a_claim_inside_a_callers_transaction_is_refused(self) -> None:
         services.create_coupon(name="PROMO", amount=5)
         services.claim_coupon(coupon_name="PROMO", user_id="first")
@@ -494,9 +508,9 @@ class TestClaimTransaction:
             services.claim_coupon(coupon_name="PROMO", user_id="second")
 
     def test_a_claim_row_written_without_the_lock_still_meets_the_unique_index(self) -> None:
-        # Were some code to write a claim without the coupon's lock, the statement taking
-        # the unit could not see it coming; the unique index refuses the second claim, and
-        # the whole transaction, unit included, is rolled back.
+        # Were some code to write a claim without the coupon's lock, the claim's checks
+        # could not see it coming; the unique index refuses the second claim, and the
+        # whole transaction, unit included, is rolled back.
         coupon = services.create_coupon(name="PROMO", amount=5)
         services.claim_coupon(coupon_name="PROMO", user_id="first")
         written = threading.Event()
@@ -507,7 +521,7 @@ class TestClaimTransaction:
                 ClaimHistory.objects.create(coupon=coupon, user_id="u")
                 written.set()
                 # Commit only once the claim below waits on the unique index.
-                assert a_claim_waits_for_a_lock(), "the claim never waited on the unique index"
+                assert a_claim_waits_for_a_lock("INSERT INTO"), "no wait on the unique index"
 
         def claimer() -> None:
             written.wait(10)
@@ -537,12 +551,10 @@ class TestClaimTransaction:
             ClaimHistory.objects.create(coupon=coupon, user_id="u")
         services.revoke_claim(claim_id=held.pk)
 
-        def refused_by_the_unique_index(*_: object) -> None:
+        def refused_by_the_unique_index(**fields: Any) -> None:
             raise refused.value
 
-        monkeypatch.setattr(
-            services, "_take_one_unit_in_one_statement", refused_by_the_unique_index
-        )
+        monkeypatch.setattr(ClaimHistory.objects, "create", refused_by_the_unique_index)
         with pytest.raises(AlreadyClaimed):
             services.claim_coupon(coupon_name="PROMO", user_id="u")
         coupon.refresh_from_db()
@@ -572,31 +584,6 @@ def in_threads(count: int, action: Callable[[int], object]) -> list[BaseExceptio
 
 
 @pytest.mark.django_db(transaction=True)
-def test_the_claim_lock_statement_holds_the_coupon_row_until_the_transaction_ends() -> None:
-    coupon = services.create_coupon(name="PROMO", amount=3)
-    services.claim_coupon(coupon_name="PROMO", user_id="holder")
-
-    def rival_claims_lock(_: int) -> None:
-        with transaction.atomic():
-            Coupon.objects.select_for_update(no_key=True, nowait=True).get(pk=coupon.pk)
-
-    def lock(coupon_id: int) -> Any:
-        with connection.cursor() as cursor:
-            cursor.execute(*Coupon.objects.claim_lock(coupon_id))
-            return cursor.fetchone()
-
-    with transaction.atomic():
-        locked = lock(coupon.pk)
-        (while_held,) = in_threads(1, rival_claims_lock)
-        assert lock(coupon.pk + 1) is None
-    coupon.refresh_from_db()
-    assert locked == (2, coupon.updated_at, "PROMO")
-    assert isinstance(while_held, OperationalError)
-    assert "could not obtain lock" in str(while_held)
-    assert in_threads(1, rival_claims_lock) == [None]
-
-
-@pytest.mark.django_db(transaction=True)
 class TestConcurrentServiceCalls:
     """Threads, each with its own PostgreSQL connection, racing through the service."""
 
@@ -615,8 +602,8 @@ class TestConcurrentServiceCalls:
 
     def test_concurrent_claims_by_one_user_give_one_unit(self) -> None:
         coupon = services.create_coupon(name="PROMO", amount=10)
-        # A repeat that waited for the first one's lock is refused by the unique index,
-        # one that came after by the statement's own check: both answer already_claimed.
+        # Each repeat finds the first claim under the lock, or meets the unique index if
+        # that claim committed after its lock statement's snapshot: already_claimed both.
         outcomes = in_threads(
             10, lambda index: services.claim_coupon(coupon_name="PROMO", user_id="same")
         )
@@ -647,25 +634,27 @@ class TestConcurrentServiceCalls:
         assert coupon.remaining_amount == coupon.amount - coupon.claims.count()
         assert 0 <= coupon.remaining_amount <= coupon.amount
 
-    def test_a_rival_claim_landing_after_the_lock_free_check_ends_as_already_claimed(
+    def test_a_rival_claim_landing_after_the_lock_free_look_ends_as_already_claimed(
         self,
     ) -> None:
         coupon = services.create_coupon(name="PROMO", amount=1)
-        take_one_unit = Coupon.objects.take_one_unit
+        look_before_queueing = services._look_before_queueing
         rivals: list[BaseException | None] = []
 
-        def rival_commits_first(*args: Any) -> tuple[str, list[Any]]:
+        def rival_commits_after_the_look(coupon_name: str, user_id: str) -> int:
             # The same user's other request takes the last unit between this one's
-            # lock-free check and its claim statement.
+            # lock-free look and its lock.
+            coupon_id = look_before_queueing(coupon_name, user_id)
             if not rivals:
                 rivals.append(None)
+                services.on_sale_memory.clear()  # The rival looks too.
                 rivals[:] = in_threads(
                     1, lambda _: services.claim_coupon(coupon_name="PROMO", user_id="u")
                 )
-            return take_one_unit(*args)
+            return coupon_id
 
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(Coupon.objects, "take_one_unit", rival_commits_first)
+            patch.setattr(services, "_look_before_queueing", rival_commits_after_the_look)
             with pytest.raises(AlreadyClaimed):
                 services.claim_coupon(coupon_name="PROMO", user_id="u")
 

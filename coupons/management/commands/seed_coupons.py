@@ -3,33 +3,48 @@
 import csv
 import io
 import json
-from argparse import ArgumentParser
+from argparse import ArgumentParser, RawDescriptionHelpFormatter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from coupons import services
 from coupons.errors import CouponExists
-from coupons.serializers import CouponCreateSerializer
+from coupons.serializers import CouponSerializer
 
 
-def read_coupon_file(path: Path) -> list[dict[str, Any]]:
+@dataclass
+class Entry:
+    """A coupon to create, with where it was given, for the messages."""
+
+    where: str
+    fields: Any
+
+
+def read_coupon_file(path: Path) -> list[Entry]:
     """Read coupons from a JSON list of {"name", "amount"} or a CSV with those columns."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
+        # utf-8-sig: spreadsheets save CSV with a byte-order mark, which is not a character
+        # of the first column's name.
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
         raise CommandError(f"Cannot read {path}: {error}") from error
     if path.suffix.lower() == ".csv":
         rows = csv.DictReader(io.StringIO(text, newline=""))
-        return [{**row, "amount": _csv_integer(row.get("amount"))} for row in rows]
+        # Line 1 is the header.
+        return [
+            Entry(f"{path.name} line {number}", {**row, "amount": _csv_integer(row.get("amount"))})
+            for number, row in enumerate(rows, start=2)
+        ]
     try:
         entries = json.loads(text)
     except json.JSONDecodeError as error:
         raise CommandError(f"{path} is not valid JSON: {error}") from error
     if not isinstance(entries, list):
         raise CommandError(f'{path} must hold a JSON list of {{"name": ..., "amount": ...}}.')
-    return entries
+    return [Entry(f"{path.name} item {number}", fields) for number, fields in enumerate(entries, 1)]
 
 
 def _csv_integer(cell: str | None) -> int | str | None:
@@ -46,46 +61,98 @@ def parse_coupon_argument(argument: str) -> dict[str, Any]:
     return {"name": name, "amount": int(amount)}
 
 
-class Command(BaseCommand):
-    help = (
-        "Create coupons given as NAME:AMOUNT arguments or in a JSON/CSV file. "
-        "Coupons that already exist are left unchanged and reported as skipped."
+def describe_errors(errors: dict[str, Any]) -> str:
+    """Say what is wrong with an entry as the API would, in one line."""
+    return "; ".join(
+        f"{field}: {' '.join(str(message) for message in messages)}"
+        for field, messages in errors.items()
     )
 
+
+class Command(BaseCommand):
+    help = (
+        "Create coupons given as NAME:AMOUNT arguments or in a JSON or CSV file, under the "
+        "same rules as the API. Everything is checked before anything is created: one "
+        "invalid coupon creates none. Coupons that already exist are left unchanged and "
+        "reported as skipped, so the command is safe to re-run."
+    )
+
+    def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
+        parser = super().create_parser(prog_name, subcommand, **kwargs)
+        parser.formatter_class = RawDescriptionHelpFormatter
+        parser.epilog = (
+            "examples:\n"
+            "  manage.py seed_coupons PROMO_SUPER:100 'TIME:10:30:5'\n"
+            "  manage.py seed_coupons --file coupons.csv     # header: name,amount\n"
+            '  manage.py seed_coupons --file coupons.json    # [{"name": "A", "amount": 5}]'
+        )
+        return parser
+
     def add_arguments(self, parser: ArgumentParser) -> None:
-        parser.add_argument("coupons", nargs="*", metavar="NAME:AMOUNT")
+        parser.add_argument(
+            "coupons",
+            nargs="*",
+            metavar="NAME:AMOUNT",
+            help="A coupon to create; the last ':' separates the name from the amount.",
+        )
         parser.add_argument(
             "--file",
             type=Path,
             help='A .json file (a list of {"name": ..., "amount": ...}) or a .csv file '
-            "with a header row name,amount.",
+            "with a header row name,amount (UTF-8, with or without a byte-order mark).",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        entries = [parse_coupon_argument(argument) for argument in options["coupons"]]
+        verbosity: int = options["verbosity"]
+        entries = [
+            Entry(f"argument {number}", parse_coupon_argument(argument))
+            for number, argument in enumerate(options["coupons"], start=1)
+        ]
         if options["file"]:
-            entries += read_coupon_file(options["file"])
+            from_file = read_coupon_file(options["file"])
+            if not from_file:
+                raise CommandError(f"{options['file']} holds no coupons.")
+            entries += from_file
         if not entries:
             raise CommandError("Give coupons as NAME:AMOUNT arguments or with --file.")
 
-        # Validate everything before writing anything: a typo on line 90 creates nothing.
-        valid = []
-        for position, entry in enumerate(entries, start=1):
-            serializer = CouponCreateSerializer(data=entry)
-            if not serializer.is_valid():
-                raise CommandError(
-                    f"Coupon #{position} ({entry!r}) is invalid: {dict(serializer.errors)}"
-                )
-            valid.append(serializer.validated_data)
-
-        created = skipped = 0
-        for coupon in valid:
+        coupons = self.validated(entries)
+        created, skipped = [], []
+        for coupon in coupons:
             try:
                 services.create_coupon(**coupon)
             except CouponExists:
-                skipped += 1
-                self.stdout.write(f"skipped {coupon['name']} (already exists)")
+                skipped.append(coupon["name"])
+                if verbosity >= 2:
+                    self.stdout.write(f"skipped {coupon['name']} (already exists)")
             else:
-                created += 1
-                self.stdout.write(f"created {coupon['name']} (amount {coupon['amount']})")
-        self.stdout.write(self.style.SUCCESS(f"{created} created, {skipped} skipped."))
+                created.append(coupon["name"])
+                if verbosity >= 2:
+                    self.stdout.write(f"created {coupon['name']} (amount {coupon['amount']})")
+        if verbosity >= 1:
+            summary = f"{len(created)} created, {len(skipped)} skipped (already exist)."
+            if skipped and verbosity < 2:
+                shown = ", ".join(skipped[:10]) + (", ..." if len(skipped) > 10 else "")
+                summary += f" Skipped: {shown}"
+            self.stdout.write(self.style.SUCCESS(summary))
+
+    def validated(self, entries: list[Entry]) -> list[dict[str, Any]]:
+        """Check every entry as the API would, and that no name comes twice; raise with every
+        problem found, so that one run shows them all."""
+        problems, coupons = [], []
+        first_given: dict[str, str] = {}
+        for entry in entries:
+            serializer = CouponSerializer(data=entry.fields)
+            if not serializer.is_valid():
+                problems.append(f"{entry.where}: {describe_errors(serializer.errors)}")
+                continue
+            name = serializer.validated_data["name"]
+            if name in first_given:
+                problems.append(f"{entry.where}: {name!r} is already given at {first_given[name]}")
+                continue
+            first_given[name] = entry.where
+            coupons.append(serializer.validated_data)
+        if problems:
+            listing = "\n".join(f"  {problem}" for problem in problems)
+            raise CommandError(f"Nothing was created; fix these first:\n{listing}")
+        return coupons
