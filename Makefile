@@ -21,11 +21,11 @@ $(VENV)/.installed-dev: requirements.txt requirements-dev.txt | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
 	@touch $@ $(VENV)/.installed-runtime
 
-## run: migrate, seed the demo coupon PROMO_SUPER and serve on 127.0.0.1:8080 (SQLite unless DATABASE_URL is set)
+## run: create the database if missing, migrate and serve on 127.0.0.1:8080 (SQLite unless DATABASE_URL is set)
 run: $(VENV)/.installed-runtime
+	$(BIN)/python manage.py create_database
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
-	$(BIN)/python manage.py seed_coupons PROMO_SUPER:100
 	exec $(BIN)/gunicorn -c gunicorn.conf.py
 
 ## test: the whole suite, on PostgreSQL (DATABASE_URL, else 127.0.0.1:5432, else a throwaway server) and SQLite,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import psycopg
 import pytest
 import yaml
 
@@ -109,3 +110,44 @@ def test_the_readme_documents_every_environment_variable() -> None:
 
     assert {"DATABASE_URL", "SECRET_KEY", "PORT", "WEB_CONCURRENCY"} <= variables
     assert sorted(name for name in variables if f"`{name}`" not in readme) == []
+
+
+def run_manage(environment: dict[str, str], *arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "manage.py", *arguments],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_make_run_creates_the_database_it_is_pointed_at_when_missing() -> None:
+    # As `DATABASE_URL=postgres://.../coupons make run` on a fresh server: the database is
+    # made, then migrated; a second run finds it and says nothing.
+    with live.postgres_database("coupons_fresh") as existing_url:
+        missing_url = existing_url + "_missing"
+        environment = live.environment_for(missing_url)
+        try:
+            first = run_manage(environment, "create_database")
+            second = run_manage(environment, "create_database")
+            migrated = run_manage(environment, "migrate", "--noinput", "-v", "0")
+        finally:
+            server = urlsplit(existing_url)._replace(path="/postgres").geturl()
+            with psycopg.connect(server, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{urlsplit(missing_url).path[1:]}"')
+
+    assert (first.returncode, second.returncode, migrated.returncode) == (0, 0, 0), migrated
+    assert "Created the database" in first.stdout
+    assert second.stdout == ""
+
+
+def test_an_unreachable_database_server_is_one_clear_line() -> None:
+    nothing_listens = f"postgres://postgres@127.0.0.1:{live.free_port()}/coupons"
+
+    result = run_manage(live.environment_for(nothing_listens), "create_database")
+
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "Cannot create the database 'coupons' on 127.0.0.1:" in result.stderr
