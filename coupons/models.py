@@ -10,6 +10,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator, RegexVa
 from django.db import models
 from django.db.models import Exists, F, OuterRef, Q, Subquery
 
+from coupons.claim_write import ClaimQuerySet
 from coupons.errors import AmountBelowClaimed
 
 MAX_AMOUNT = 2_147_483_647
@@ -156,6 +157,8 @@ class ClaimHistory(models.Model):
     )
     user_id = NameField(validators=[no_control_characters])
     claimed_at = models.DateTimeField(auto_now_add=True)
+
+    objects = ClaimQuerySet.as_manager()
 
     class Meta:
         verbose_name = "claim"

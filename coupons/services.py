@@ -54,10 +54,7 @@ def claim_coupon(*, coupon_name: str, user_id: str) -> ClaimHistory:
                 raise AlreadyClaimed()
             if coupon.is_sold_out:
                 raise OutOfStock()
-            claim = ClaimHistory.objects.create(coupon=coupon, user_id=user_id)
-            Coupon.objects.filter(pk=coupon.pk).update(
-                remaining_amount=F("remaining_amount") - 1, updated_at=claim.claimed_at
-            )
+            claim = ClaimHistory.objects.take_unit(coupon=coupon, user_id=user_id)
     except Coupon.DoesNotExist:
         # Deleted since this process looked it up, and perhaps made anew under its name.
         on_sale_memory.discard(coupon_name)
