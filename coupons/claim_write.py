@@ -6,8 +6,10 @@ on that lock, so each round trip inside it, and the worker's CPU to build each s
 is paid by the whole queue. One statement does both writes here, with a data-modifying
 WITH: a round trip and two ORM statement builds less while the lock is held.
 
-Measured in pairs (make bench-compare against the ORM form, 2026-12-04, 2-core host):
-see docs/performance.md, "The claim's write".
+Measured in pairs on 2026-12-04 (`make bench-compare REV=9a4868d`, the ORM's two
+statements; 2 cores shared with PostgreSQL and wrk): B2 1.22 × the winning claims per
+second (1.12–1.25 in four pairs) at 0.82 × the machine's CPU per claim, B1's p99 0.82 ×.
+docs/performance.md, "The claim's write", has the figures.
 
 SQLite has no data-modifying WITH, and its statements cost no round trip: there the ORM
 writes. The checks that decide whether a unit may be taken stay in Python, in

@@ -8,7 +8,7 @@ from typing import Any
 
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
-from django.db.models import Exists, F, OuterRef, Q, Subquery
+from django.db.models import Exists, F, OuterRef, Q
 
 from coupons.claim_write import ClaimQuerySet
 from coupons.errors import AmountBelowClaimed
@@ -50,41 +50,11 @@ class NameField(models.CharField[str, str]):
         )
 
 
-class ClaimantsInOrder(Subquery):
-    """The user ids a queryset of claims selects, in its order, as one JSON list.
-
-    Read in the same statement as the coupon's row, so that the list and the counter come
-    from one snapshot even while claims commit.
-    """
-
-    template = "array_to_json(ARRAY(%(subquery)s))::text"  # PostgreSQL
-    output_field = models.JSONField()
-
-    def __init__(self, claims: "models.QuerySet[ClaimHistory]") -> None:
-        super().__init__(claims.values("user_id"))
-
-    def as_sqlite(self, compiler: Any, connection: Any, **extra_context: Any) -> Any:
-        # Subquery.as_sql() takes a template, as Django's documentation shows; the stubs lag.
-        return self.as_sql(  # type: ignore[call-arg]
-            compiler,
-            connection,
-            template="(SELECT json_group_array(user_id) FROM (%(subquery)s))",
-            **extra_context,
-        )
-
-
 class CouponQuerySet(models.QuerySet["Coupon"]):
     def with_holder(self, user_id: str) -> "CouponQuerySet":
         """Annotate each coupon with `held`: whether this user holds a unit of it."""
         holder = ClaimHistory.objects.filter(coupon=OuterRef("pk"), user_id=user_id)
         return self.annotate(held=Exists(holder))  # type: ignore[no-redef]  # Typed on Coupon.
-
-    def with_claimants(self) -> "CouponQuerySet":
-        """Annotate each coupon with `claimed_by`: its claimants' user ids, in claim order."""
-        # "id > 0", true of every claim, is what lets the claims be read through
-        # claim_coupon_order_idx (see ClaimHistory.Meta).
-        claims = ClaimHistory.objects.filter(coupon=OuterRef("pk"), id__gt=0).order_by("id")
-        return self.annotate(claimed_by=ClaimantsInOrder(claims))  # type: ignore[no-redef]
 
 
 class Coupon(models.Model):
@@ -103,9 +73,8 @@ class Coupon(models.Model):
 
     objects = CouponQuerySet.as_manager()
 
-    # Present when the queryset annotated them (with_holder, with_claimants).
+    # Present when the queryset annotated it (with_holder).
     held: bool
-    claimed_by: list[str]
 
     class Meta:
         constraints = [
@@ -169,7 +138,7 @@ class ClaimHistory(models.Model):
         ]
         indexes = [
             # The claimed_by listing, in claim order. Partial on "id > 0", which every row
-            # meets, so that only a query stating it can use the index (with_claimants).
+            # meets, so that only a query stating it can use the index (details_document.py).
             # Otherwise PostgreSQL, without statistics on a young claims table, plans the
             # holder check (coupon_id = … AND user_id = …) on this index rather than the
             # unique one, and then reads every claim of the coupon on every claim: a

@@ -80,9 +80,9 @@ class StrictModelSerializer(serializers.ModelSerializer[Any]):
 class CouponSerializer(StrictModelSerializer):
     """A coupon's details: the four keys of the contract. Creating one takes name and amount."""
 
-    # A list of strings from Coupon.objects.with_claimants(), passed through as it is: a
-    # ListField would convert each of up to 100,000 items.
-    claimed_by = serializers.JSONField(read_only=True)
+    # A coupon just created has none. GET /api/coupons/{name} answers in this shape, written
+    # by the database (details_document.py).
+    claimed_by = serializers.ListField(child=serializers.CharField(), read_only=True, default=list)
 
     class Meta:
         model = Coupon

@@ -11,7 +11,6 @@ from django.db import close_old_connections, connection
 from django.test import Client, RequestFactory
 from rest_framework.test import APIClient
 
-from coupons.api import CouponViewSet
 from coupons.models import ClaimHistory, Coupon
 from couponsite.wsgi import application
 
@@ -557,7 +556,7 @@ def test_a_crash_is_a_json_500_without_a_stack_trace(
     def crash(*args: Any) -> None:
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(CouponViewSet, "get_object", crash)
+    monkeypatch.setattr("coupons.api.details_document", crash)
     client = APIClient(raise_request_exception=False)
 
     response = client.get("/api/coupons/PROMO")

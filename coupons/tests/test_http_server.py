@@ -3,9 +3,12 @@ requests gunicorn refuses before Django sees them."""
 
 import socket
 import time
+import uuid
 from collections.abc import Iterator
+from urllib.parse import quote
 
 import pytest
+from rest_framework.renderers import JSONRenderer
 
 from coupons.tests import live
 from coupons.tests.live import LiveServer
@@ -92,3 +95,27 @@ def test_an_interim_100_continue_comes_before_the_answer(one_worker: LiveServer)
         client.close()
 
     assert (answer.status, answer.body["error"]["code"]) == (404, "coupon_not_found")
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_details_are_written_as_drfs_renderer_writes_them(
+    request: pytest.FixtureRequest, database: str
+) -> None:
+    # The database writes the details document (details_document.py); every other answer
+    # is DRF's. Names and ids that JSON must escape, or that a renderer might.
+    server: LiveServer = request.getfixturevalue(f"{database}_servers")[0]
+    name = f'Sale "50%" \\ 券 🎟 \u2028 {uuid.uuid4().hex[:6]}'
+    users = ["plain", 'quote " back\\slash', "ünïcødé 券 \U0001f600", "line\u2028para\u2029end"]
+    server.create_coupon(name, 10)
+    for user_id in users:
+        claim = {"user_id": user_id, "coupon_name": name}
+        assert server.request("POST", "/api/coupons/claim", claim).status == 201
+
+    with server.connect() as connection:
+        connection.sendall(
+            f"GET /api/coupons/{quote(name, safe='')} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+        )
+        answer = live.read_until_closed(connection)
+
+    expected = {"name": name, "amount": 10, "remaining_amount": 6, "claimed_by": users}
+    assert answer.partition(b"\r\n\r\n")[2] == JSONRenderer().render(expected)
