@@ -2,6 +2,7 @@
 # Both create .venv and install what they need on first use.
 
 PYTHON ?= python3
+, := ,
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -68,10 +69,10 @@ bench-quick: $(VENV)/.installed-runtime
 	@command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python bench/run.py --quick
 
-## bench-compare: this checkout against REV (default HEAD), B1 and B2 in 4 pairs run back to back
+## bench-compare: this checkout against REV (default HEAD) in 4 pairs run back to back; SCENARIOS=B1,B2 by default
 bench-compare: $(VENV)/.installed-runtime
 	@command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
-	$(BIN)/python bench/compare.py $(or $(REV),HEAD)
+	$(BIN)/python bench/compare.py $(or $(REV),HEAD) --scenarios $(or $(SCENARIOS),B1$(,)B2)
 
 clean:
 	rm -rf $(VENV) staticfiles .pytest_cache

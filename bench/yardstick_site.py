@@ -5,8 +5,8 @@ JSON body and answers 409 served about 4,450 requests/s under gunicorn. bench/ru
 serves this view with gunicorn's stock sync worker and drives it as B1 drives claims, so
 every result says how fast the host of the moment runs gunicorn and Django themselves, in
 the reference's own terms. This module is both the settings and the URLconf: this site's
-settings, with the middleware a new project has (this site's own lets API requests skip
-the admin's; with it the same view serves about 1.2 × as many requests).
+settings, with the middleware a new project has (the site's own list adds only HEAD
+handling and WhiteNoise's static files).
 """
 
 import json
