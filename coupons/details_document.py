@@ -1,19 +1,22 @@
-"""A coupon's details written by the database as one JSON document: the one answer that
-bypasses DRF's renderer.
+"""A coupon's details, their list of claimants written by the database: the one answer
+whose bulk bypasses DRF's renderer.
 
 The details list every claimant, 100,000 of them for a big coupon. Through the ORM and
 CouponSerializer, the database built the list, Python decoded it into 100,000 strings and
 DRF's JSONRenderer encoded them again. Here one statement reads the coupon's row and its
-claims in claim order and writes the document, which is passed through as it comes: one
-snapshot, so the counter and the list always agree, and no Python object per claim.
+claims in claim order (one snapshot, so the counter and the list always agree), the
+database writes the list as compact JSON, and JSONRenderer writes the rest of the object
+around it: no Python object per claim.
 
-Measured in pairs on 2026-12-04 (`make bench-compare REV=<the ORM and DRF form>
-SCENARIOS=B3`; 2 cores shared with PostgreSQL): B3's median read of a coupon with 100,000
-claims 0.53 × the time (21 against 40 ms) and a worker's peak memory 0.49 × (101 against
-206 MiB). docs/performance.md, "Reading the details", has the figures.
+Measured in pairs on 2026-12-04 (`make bench-compare REV=d9c0879 SCENARIOS=B3`, the list
+read by the ORM and written by CouponSerializer and JSONRenderer; 2 cores shared with
+PostgreSQL): B3's read of a coupon with 100,000 claims 0.67 × the time on a fresh table
+(27 against 40 ms; 0.48 × over four pairs as the claims table grew) and 0.50 × a worker's
+peak memory. docs/performance.md, "The details document", has the figures.
 
 The document is written exactly as DRF's JSONRenderer writes CouponSerializer's answer:
-compact, UTF-8, with U+2028 and U+2029 escaped (test_api.py compares the two byte for byte).
+compact, UTF-8, with U+2028 and U+2029 escaped (test_http_server.py compares the two byte for
+byte, on PostgreSQL and SQLite).
 """
 
 from django.db import DEFAULT_DB_ALIAS, connections
