@@ -73,6 +73,13 @@ class CouponAdmin(admin.ModelAdmin[Coupon]):
     def sold_out(self, coupon: Coupon) -> bool:
         return coupon.is_sold_out
 
+    def delete_model(self, request: HttpRequest, obj: Coupon) -> None:
+        services.delete_coupon(coupon_id=obj.pk)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Coupon]) -> None:
+        for coupon_id in queryset.values_list("pk", flat=True):
+            services.delete_coupon(coupon_id=coupon_id)
+
     def save_model(self, request: HttpRequest, obj: Coupon, form: Any, change: bool) -> None:
         if change:
             saved = services.change_coupon_amount(coupon_id=obj.pk, amount=obj.amount)

@@ -19,18 +19,38 @@ def create_coupon(*, name: str, amount: int) -> Coupon:
     """Create a coupon with its whole stock available; raise CouponExists if the name is taken."""
     try:
         with transaction.atomic():
-            return Coupon.objects.create(name=name, amount=amount, remaining_amount=amount)
+            coupon = Coupon.objects.create(name=name, amount=amount, remaining_amount=amount)
+            # A coupon of this name deleted earlier may still be remembered sold out.
+            transaction.on_commit(lambda: forget_coupon(name))
     except IntegrityError:
         if Coupon.objects.filter(name=name).exists():
             raise CouponExists() from None
         raise
+    return coupon
+
+
+def delete_coupon(*, coupon_id: int) -> None:
+    """Delete a coupon and its claims."""
+    with transaction.atomic():
+        name = Coupon.objects.filter(pk=coupon_id).values_list("name", flat=True).first()
+        Coupon.objects.filter(pk=coupon_id).delete()
+        if name is not None:
+            transaction.on_commit(lambda: forget_coupon(name))
+
+
+def forget_coupon(name: str) -> None:
+    """Drop what this process remembers of the coupon of this name (sold out, on sale)."""
+    sold_out_memory.forget(name)
+    on_sale_memory.discard(name)
 
 
 def claim_coupon(*, coupon_name: str, user_id: str) -> ClaimHistory:
     """Give one unit of a coupon to a user, or raise why not.
 
     The checks come in the contract's order: CouponNotFound, then AlreadyClaimed, then
-    OutOfStock. Takes and releases the coupon row's lock; call it outside any transaction.
+    OutOfStock. Takes and releases the coupon row's lock; call it outside any transaction
+    (durable=True refuses a caller's atomic block, but cannot see a transaction opened by
+    switching autocommit off: there the claim commits with its caller).
     """
     sold_out_memory.answer(coupon_name, user_id)
     remembered_id = on_sale_memory.get(coupon_name)
@@ -62,6 +82,7 @@ def claim_coupon(*, coupon_name: str, user_id: str) -> ClaimHistory:
             raise CouponNotFound() from None
         return claim_coupon(coupon_name=coupon_name, user_id=user_id)
     except OutOfStock:
+        # Raised only on what the lock read: `coupon` is that row, as it stands.
         on_sale_memory.discard(coupon_name)
         sold_out_memory.remember(coupon_name, coupon.pk, coupon.updated_at)
         raise
@@ -69,7 +90,7 @@ def claim_coupon(*, coupon_name: str, user_id: str) -> ClaimHistory:
         # A claim by this user committed after the lock statement's snapshot (the user's
         # other request, which held the lock while this one waited), and the unique
         # (coupon, user_id) index refused this one; the transaction is rolled back.
-        if _refused_as_a_repeat(error, coupon_id, user_id):
+        if _refused_as_a_repeat(error):
             raise AlreadyClaimed() from None
         raise
     return claim
@@ -95,45 +116,54 @@ def _look_before_queueing(coupon_name: str, user_id: str) -> int:
     return coupon.pk
 
 
-def _refused_as_a_repeat(error: IntegrityError, coupon_id: int, user_id: str) -> bool:
-    """Whether the unique (coupon, user_id) constraint refused a claim.
+def _refused_as_a_repeat(error: IntegrityError) -> bool:
+    """Whether the unique (coupon, user_id) constraint refused a claim, as PostgreSQL names it.
 
-    PostgreSQL names the constraint, which stays the answer should the claim that held the
-    coupon be revoked before this request is answered; SQLite names none, and the holder
-    is looked for instead.
+    The name stays the answer should the claim that held the coupon be revoked before this
+    request is answered. (On SQLite no repeat gets this far: its write lock, taken as the
+    claim's transaction begins, shows the lock statement every committed claim.)
     """
     diagnostic = getattr(error.__cause__, "diag", None)
-    if diagnostic is not None:
-        return getattr(diagnostic, "constraint_name", None) == ONE_CLAIM_PER_USER
-    return ClaimHistory.objects.filter(coupon_id=coupon_id, user_id=user_id).exists()
+    return getattr(diagnostic, "constraint_name", None) == ONE_CLAIM_PER_USER
 
 
 def change_coupon_amount(*, coupon_id: int, amount: int) -> Coupon:
-    """Set a coupon's total stock, keeping the claims made; it cannot go below them."""
+    """Set a coupon's total stock, keeping the claims made; it cannot go below them.
+
+    Inside a caller's transaction (the admin's), the coupon's lock lasts until that ends.
+    """
     with transaction.atomic():
         coupon = Coupon.objects.select_for_update(no_key=True).get(pk=coupon_id)
         coupon.check_new_amount(amount)
         coupon.remaining_amount = amount - coupon.claimed_count
         coupon.amount = amount
         coupon.save(update_fields=["amount", "remaining_amount", "updated_at"])
-    sold_out_memory.forget(coupon_id)
+        transaction.on_commit(lambda: forget_coupon(coupon.name))
     return coupon
 
 
 def revoke_claim(*, claim_id: int) -> bool:
-    """Take a claim back and return its unit to the stock; False if it was already gone."""
+    """Take a claim back and return its unit to the stock; False if it was already gone.
+
+    Inside a caller's transaction (the admin's), the coupon's lock lasts until that ends.
+    """
     coupon_id = ClaimHistory.objects.filter(pk=claim_id).values_list("coupon_id", flat=True).first()
     if coupon_id is None:
         return False
     with transaction.atomic():
         # The same lock as a claim, taken first, so the counter and the ledger move together.
-        list(Coupon.objects.select_for_update(no_key=True).filter(pk=coupon_id).values_list("pk"))
+        name = (
+            Coupon.objects.select_for_update(no_key=True)
+            .filter(pk=coupon_id)
+            .values_list("name", flat=True)
+            .get()
+        )
         deleted, _ = ClaimHistory.objects.filter(pk=claim_id).delete()
         if deleted:
             Coupon.objects.filter(pk=coupon_id).update(
                 remaining_amount=F("remaining_amount") + 1, updated_at=timezone.now()
             )
-    sold_out_memory.forget(coupon_id)
+            transaction.on_commit(lambda: forget_coupon(name))
     return bool(deleted)
 
 
@@ -165,7 +195,8 @@ class SoldOutMemory:
     moves its `updated_at`; so an entry is trusted for `SOLD_OUT_MEMORY_SECONDS`, then
     checked against the row again (one indexed read) and reloaded only if it changed.
     Such an answer is at most that old; it never lets a claim through, so it cannot
-    oversell or double dip. Changes made in this process forget the entry at once.
+    oversell or double dip. Changes made in this process (more stock, a revoked claim, the
+    coupon deleted or made again) forget the entry as they commit.
     """
 
     max_coupons = 256
@@ -197,11 +228,9 @@ class SoldOutMemory:
             _drop_oldest(self._coupons)
         self._coupons[coupon_name] = SoldOutCoupon(coupon_id, version, claimants, time.monotonic())
 
-    def forget(self, coupon_id: int) -> None:
+    def forget(self, coupon_name: str) -> None:
         """Drop what is known of a coupon whose stock or claims this process changed."""
-        for name, entry in list(self._coupons.items()):
-            if entry.coupon_id == coupon_id:
-                self._coupons.pop(name, None)
+        self._coupons.pop(coupon_name, None)
 
     def clear(self) -> None:
         self._coupons.clear()

@@ -223,10 +223,11 @@ def row_is_locked(coupon_id: int) -> bool:
 
 
 @contextlib.contextmanager
-def last_unit_taken_while_the_claim_waits(coupon: Coupon, taker: str) -> Iterator[None]:
-    """Another transaction takes the coupon's last unit for taker, holding its row lock, and
+def unit_taken_while_the_claim_waits(coupon: Coupon, taker: str) -> Iterator[None]:
+    """Another transaction takes a unit of the coupon for taker, holding its row lock, and
     commits once a claim's lock statement inside the block waits for that lock."""
     coupon_table, claim_table = Coupon._meta.db_table, ClaimHistory._meta.db_table
+    waited: list[bool] = []
     with psycopg.connect(**connection.get_connection_params()) as other:
         other.execute(f"SELECT 1 FROM {coupon_table} WHERE id = %s FOR UPDATE", [coupon.pk])
         other.execute(
@@ -234,12 +235,13 @@ def last_unit_taken_while_the_claim_waits(coupon: Coupon, taker: str) -> Iterato
             [coupon.pk, taker],
         )
         other.execute(
-            f"UPDATE {coupon_table} SET remaining_amount = 0, updated_at = now() WHERE id = %s",
+            f"UPDATE {coupon_table} SET remaining_amount = remaining_amount - 1,"
+            " updated_at = now() WHERE id = %s",
             [coupon.pk],
         )
 
         def commit_once_the_claim_waits() -> None:
-            a_claim_waits_for_a_lock()
+            waited.append(a_claim_waits_for_a_lock())
             connection.close()
             other.commit()
 
@@ -249,6 +251,7 @@ def last_unit_taken_while_the_claim_waits(coupon: Coupon, taker: str) -> Iterato
             yield
         finally:
             committer.join()
+    assert waited == [True], "the claim never waited for the row lock"
 
 
 # A claim by user "refused" fails as its transaction commits.
@@ -279,8 +282,8 @@ class TestClaimTransaction:
         assert lock.startswith("SELECT") and f'FROM "{coupon_table}"' in lock, lock
         assert lock.endswith("FOR NO KEY UPDATE"), lock
         # The claim's INSERT and the stock's UPDATE, in one statement (claim_write.py).
-        assert f"UPDATE {coupon_table} SET remaining_amount = remaining_amount - 1" in write
-        assert f"INSERT INTO {claim_table}" in write
+        assert f'UPDATE "{coupon_table}" SET remaining_amount = remaining_amount - 1' in write
+        assert f'INSERT INTO "{claim_table}"' in write
 
     def test_the_row_stays_locked_from_the_lock_statement_to_the_commit(
         self, monkeypatch: pytest.MonkeyPatch
@@ -387,19 +390,29 @@ class TestClaimTransaction:
         coupon = services.create_coupon(name="PROMO", amount=2)
         services.claim_coupon(coupon_name="PROMO", user_id="first")
         with (
-            last_unit_taken_while_the_claim_waits(coupon, taker="u"),
+            unit_taken_while_the_claim_waits(coupon, taker="u"),
             pytest.raises(AlreadyClaimed),
         ):
             services.claim_coupon(coupon_name="PROMO", user_id="u")
         coupon.refresh_from_db()
         assert (coupon.remaining_amount, claimants(coupon)) == (0, ["first", "u"])
 
+    def test_a_repeat_committed_while_the_lock_was_awaited_meets_the_unique_index(self) -> None:
+        # Stock is left, and the lock statement's EXISTS cannot see the user's claim that
+        # committed during its wait: the write meets the unique index and rolls back whole.
+        coupon = services.create_coupon(name="PROMO", amount=5)
+        services.claim_coupon(coupon_name="PROMO", user_id="first")
+        with unit_taken_while_the_claim_waits(coupon, taker="u"), pytest.raises(AlreadyClaimed):
+            services.claim_coupon(coupon_name="PROMO", user_id="u")
+        coupon.refresh_from_db()
+        assert (coupon.remaining_amount, claimants(coupon)) == (3, ["first", "u"])
+
     def test_a_coupon_sold_out_while_the_lock_was_awaited_is_remembered_as_it_stands(
         self,
     ) -> None:
         coupon = services.create_coupon(name="PROMO", amount=2)
         services.claim_coupon(coupon_name="PROMO", user_id="first")
-        with last_unit_taken_while_the_claim_waits(coupon, taker="v"), pytest.raises(OutOfStock):
+        with unit_taken_while_the_claim_waits(coupon, taker="v"), pytest.raises(OutOfStock):
             services.claim_coupon(coupon_name="PROMO", user_id="u")
 
         # Answered from the sold-out memory, which knows the last unit's taker.
@@ -669,7 +682,7 @@ class TestConcurrentServiceCalls:
         assert (coupon.remaining_amount, claimants(coupon)) == (0, ["u"])
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)  # The memory forgets as changes commit.
 class TestSoldOutMemory:
     """Claims on a sold-out coupon are answered from memory, and never wrongly let through."""
 
@@ -715,15 +728,31 @@ class TestSoldOutMemory:
 
         services.claim_coupon(coupon_name="PROMO", user_id="late")
 
-    def test_a_coupon_recreated_under_the_same_name_is_a_new_coupon(
-        self, sold_out: Coupon, monkeypatch: pytest.MonkeyPatch
+    def test_a_deleted_coupon_is_not_found_at_once(self, sold_out: Coupon) -> None:
+        services.delete_coupon(coupon_id=sold_out.pk)
+
+        with pytest.raises(CouponNotFound):
+            services.claim_coupon(coupon_name="PROMO", user_id="late")
+
+    def test_a_coupon_made_again_under_the_same_name_is_a_new_coupon_at_once(
+        self, sold_out: Coupon
     ) -> None:
-        sold_out.delete()
+        # Deleted as another process would, behind this one's back; made again here.
+        Coupon.objects.filter(pk=sold_out.pk).delete()
         services.create_coupon(name="PROMO", amount=1)
-        later = time.monotonic() + settings.SOLD_OUT_MEMORY_SECONDS + 0.1
-        monkeypatch.setattr(time, "monotonic", lambda: later)
 
         services.claim_coupon(coupon_name="PROMO", user_id="holder")
+
+    def test_a_change_inside_a_callers_transaction_is_forgotten_as_it_commits(
+        self, sold_out: Coupon
+    ) -> None:
+        # As the admin calls the services: inside its own transaction.
+        with transaction.atomic():
+            services.change_coupon_amount(coupon_id=sold_out.pk, amount=2)
+            with pytest.raises(OutOfStock):  # Not committed: still sold out.
+                services.sold_out_memory.answer("PROMO", "late")
+
+        services.claim_coupon(coupon_name="PROMO", user_id="late")
 
     def test_an_unchanged_coupon_is_checked_again_without_reloading_its_holders(
         self, sold_out: Coupon, monkeypatch: pytest.MonkeyPatch, django_assert_num_queries: Any
