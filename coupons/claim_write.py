@@ -18,7 +18,7 @@ services.claim_coupon; this only writes.
 
 from typing import TYPE_CHECKING, Any
 
-from django.db import connections, models
+from django.db import connections, models, router
 from django.db.models import F
 
 if TYPE_CHECKING:
@@ -33,21 +33,23 @@ class ClaimQuerySet(models.QuerySet["ClaimHistory"]):
         checks have passed. The claim's time is taken under the lock, so claim ids and
         times follow commit order.
         """
-        connection = connections[self.db]
+        using = router.db_for_write(self.model)
+        connection = connections[using]
         if connection.vendor != "postgresql":
-            claim = self.create(coupon=coupon, user_id=user_id)
-            type(coupon).objects.filter(pk=coupon.pk).update(
+            claim = self.using(using).create(coupon=coupon, user_id=user_id)
+            type(coupon).objects.using(using).filter(pk=coupon.pk).update(
                 remaining_amount=F("remaining_amount") - 1, updated_at=claim.claimed_at
             )
             return claim
+        quote = connection.ops.quote_name
         sql = f"""
             WITH unit AS (
-                UPDATE {coupon._meta.db_table}
+                UPDATE {quote(coupon._meta.db_table)}
                 SET remaining_amount = remaining_amount - 1, updated_at = clock_timestamp()
                 WHERE id = %s
                 RETURNING id, updated_at
             )
-            INSERT INTO {self.model._meta.db_table} (coupon_id, user_id, claimed_at)
+            INSERT INTO {quote(self.model._meta.db_table)} (coupon_id, user_id, claimed_at)
             SELECT id, %s, updated_at FROM unit
             RETURNING id, claimed_at
         """
@@ -55,4 +57,6 @@ class ClaimQuerySet(models.QuerySet["ClaimHistory"]):
             cursor.execute(sql, [coupon.pk, user_id])
             row: Any = cursor.fetchone()
         claim_id, claimed_at = row
-        return self.model(id=claim_id, coupon=coupon, user_id=user_id, claimed_at=claimed_at)
+        claim = self.model(id=claim_id, coupon=coupon, user_id=user_id, claimed_at=claimed_at)
+        claim._state.adding, claim._state.db = False, using  # As if read from the database.
+        return claim
