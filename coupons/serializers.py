@@ -44,7 +44,7 @@ def refuse_unknown_fields(serializer: serializers.Serializer[Any], data: Any) ->
     not offer (remaining_amount, say)."""
     if isinstance(data, dict):
         writable = {name for name, field in serializer.fields.items() if not field.read_only}
-        unknown = sorted(set(data) - writable)
+        unknown = sorted(set(data) - writable, key=str)
         if unknown:
             raise serializers.ValidationError({field: ["Unknown field."] for field in unknown})
 
@@ -96,8 +96,8 @@ class ClaimSerializer(serializers.Serializer[Any]):
     name; answered with the time the claim was recorded.
 
     A plain Serializer whose fields take their rules from the models: a ModelSerializer
-    builds its fields anew for every instance, which tripled the CPU this costs on the
-    hottest request of a flash sale (docs/performance.md).
+    builds its fields anew for every instance, which more than doubled the CPU this costs
+    on the hottest request of a flash sale (docs/performance.md).
     """
 
     # The model fields' validators include their maximum length.

@@ -143,8 +143,48 @@ def test_audit_fails_and_names_a_coupon_whose_counter_drifted(
     services.claim_coupon(coupon_name="DRIFTED", user_id="u")
     Coupon.objects.filter(name="DRIFTED").update(remaining_amount=3)  # Bypasses the service.
 
-    with pytest.raises(CommandError, match="1 of 2 coupons"):
+    with pytest.raises(CommandError, match="1 of 2 coupons break the stock invariant; 0 have"):
         call_command("audit_coupons")
     report = capsys.readouterr().err
     assert "DRIFTED" in report and "expected remaining 2" in report
     assert "GOOD" not in report
+
+
+def test_seed_lists_every_malformed_argument_with_the_rest(tmp_path: Path) -> None:
+    path = tmp_path / "coupons.csv"
+    path.write_text("name,amount\nZERO,0\n")
+
+    with pytest.raises(CommandError) as refused:
+        call_command("seed_coupons", "A:²", "OK:1", "B:", "--file", str(path))
+
+    message = str(refused.value)
+    assert "argument 1: 'A:²' is not NAME:AMOUNT" in message
+    assert "argument 3: 'B:' is not NAME:AMOUNT" in message
+    assert "coupons.csv line 2: amount:" in message
+    assert not Coupon.objects.exists()
+
+
+def test_seed_names_csv_lines_as_the_file_numbers_them(tmp_path: Path) -> None:
+    # A blank line, a quoted cell over two lines, a digit int() refuses, a cell too many.
+    path = tmp_path / "coupons.csv"
+    path.write_text('name,amount\n\n"two\nlines",²\nOK,1\nEXTRA,2,surplus\n')
+
+    with pytest.raises(CommandError) as refused:
+        call_command("seed_coupons", "--file", str(path))
+
+    message = str(refused.value)
+    assert "coupons.csv line 4: name: Must not contain control characters.; amount:" in message
+    assert "coupons.csv line 6: cells beyond the header: Unknown field." in message
+    assert "line 5" not in message
+    assert not Coupon.objects.exists()
+
+
+def test_audit_fails_and_names_a_coupon_whose_name_the_rules_refuse(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    services.create_coupon(name="GOOD", amount=3)
+    Coupon.objects.create(name="   ", amount=1, remaining_amount=1)  # Bypasses the rules.
+
+    with pytest.raises(CommandError, match="0 of 2 coupons break .*; 1 have a name"):
+        call_command("audit_coupons")
+    assert "NAME '   ': Must contain a character other than whitespace." in capsys.readouterr().err

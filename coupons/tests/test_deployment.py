@@ -150,4 +150,20 @@ def test_an_unreachable_database_server_is_one_clear_line() -> None:
 
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1, result.stderr
-    assert "Cannot create the database 'coupons' on 127.0.0.1:" in result.stderr
+    assert "Cannot reach the database 'coupons' on 127.0.0.1:" in result.stderr
+
+
+def test_make_run_creates_the_database_before_migrating_and_serving() -> None:
+    steps = subprocess.run(
+        ["make", "-n", "run"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    commands = [
+        next((i for i, step in enumerate(steps) if word in step), -1)
+        for word in (
+            "manage.py create_database",
+            "manage.py migrate",
+            "gunicorn -c gunicorn.conf.py",
+        )
+    ]
+
+    assert -1 not in commands and commands == sorted(commands), steps

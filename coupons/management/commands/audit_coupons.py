@@ -1,7 +1,8 @@
-"""Check that every coupon's stored stock agrees with its claims."""
+"""Check that every coupon's stored stock agrees with its claims, and its name with the rules."""
 
 from typing import Any
 
+from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from django.db.models import Count, F
 
@@ -11,7 +12,9 @@ from coupons.models import Coupon
 class Command(BaseCommand):
     help = (
         "Check remaining_amount == amount - claims and 0 <= remaining_amount <= amount for "
-        "every coupon. Exits non-zero and lists the coupons that disagree."
+        "every coupon, and that every name meets the input rules (a name stored before a "
+        "rule existed cannot be read or claimed through the API). Exits non-zero and lists "
+        "the coupons that fail."
     )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -28,6 +31,17 @@ class Command(BaseCommand):
                 f"remaining {coupon['remaining_amount']}, claims {coupon['claims_made']} "
                 f"(expected remaining {coupon['amount'] - coupon['claims_made']})"
             )
-        if broken:
-            raise CommandError(f"{len(broken)} of {total} coupons break the stock invariant.")
+        misnamed = 0
+        name_field = Coupon._meta.get_field("name")
+        for name in Coupon.objects.order_by("name").values_list("name", flat=True).iterator():
+            try:
+                name_field.run_validators(name)
+            except ValidationError as refused:
+                misnamed += 1
+                self.stderr.write(f"NAME {name!r}: {' '.join(refused.messages)}")
+        if broken or misnamed:
+            raise CommandError(
+                f"{len(broken)} of {total} coupons break the stock invariant; "
+                f"{misnamed} have a name the rules refuse."
+            )
         self.stdout.write(self.style.SUCCESS(f"All {total} coupons are consistent."))

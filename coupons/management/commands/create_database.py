@@ -27,17 +27,29 @@ class Command(BaseCommand):
         parameters = connection.get_connection_params()
         name = parameters["dbname"]
         server = f"{parameters.get('host') or 'localhost'}:{parameters.get('port') or 5432}"
-        # The server's own maintenance database, which every PostgreSQL has.
         try:
-            with psycopg.connect(**{**parameters, "dbname": "postgres"}, autocommit=True) as admin:
-                if admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
-                    return
-                admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            psycopg.connect(**parameters).close()
+            return
         except psycopg.Error as error:
-            reason = str(error).strip().splitlines()[0]
-            raise CommandError(
-                f"Cannot create the database {name!r} on {server} ({reason}); create it "
-                f"yourself (createdb -h HOST -U USER {name}) or fix DATABASE_URL."
-            ) from None
+            unreachable = f"Cannot reach the database {name!r} on {server}: {first_line(error)}"
+        # Whether it is missing, asked of the server's own maintenance database.
+        try:
+            admin = psycopg.connect(**{**parameters, "dbname": "postgres"}, autocommit=True)
+        except psycopg.Error:
+            raise CommandError(unreachable) from None
+        with admin:
+            if admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+                raise CommandError(unreachable)
+            try:
+                admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            except psycopg.Error as error:
+                raise CommandError(
+                    f"Cannot create the database {name!r} on {server} ({first_line(error)});"
+                    f" create it yourself (createdb -h HOST -U USER {name}) or fix DATABASE_URL."
+                ) from None
         if options["verbosity"] >= 1:
             self.stdout.write(f"Created the database {name!r} on {server}.")
+
+
+def first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0]

@@ -32,11 +32,14 @@ def read_coupon_file(path: Path) -> list[Entry]:
     except (OSError, UnicodeDecodeError) as error:
         raise CommandError(f"Cannot read {path}: {error}") from error
     if path.suffix.lower() == ".csv":
-        rows = csv.DictReader(io.StringIO(text, newline=""))
-        # Line 1 is the header.
+        rows = csv.DictReader(io.StringIO(text, newline=""), restkey="cells beyond the header")
+        # line_num counts the file's lines read so far, so a quoted cell may span several.
         return [
-            Entry(f"{path.name} line {number}", {**row, "amount": _csv_integer(row.get("amount"))})
-            for number, row in enumerate(rows, start=2)
+            Entry(
+                f"{path.name} line {rows.line_num}",
+                {**row, "amount": _csv_integer(row.get("amount"))},
+            )
+            for row in rows
         ]
     try:
         entries = json.loads(text)
@@ -50,13 +53,18 @@ def read_coupon_file(path: Path) -> list[Entry]:
 def _csv_integer(cell: str | None) -> int | str | None:
     # CSV has no types: a cell of digits is the integer it spells; anything else stays
     # text and is refused by the same validation as the API.
-    return int(cell) if cell and cell.strip().isdigit() else cell
+    return int(cell) if cell and _is_decimal_number(cell.strip()) else cell
+
+
+def _is_decimal_number(text: str) -> bool:
+    # str.isdigit() alone also takes "²" and other digits int() refuses.
+    return text.isascii() and text.isdigit()
 
 
 def parse_coupon_argument(argument: str) -> dict[str, Any]:
     """Parse NAME:AMOUNT; the name may itself contain ':' (the last one splits)."""
     name, separator, amount = argument.rpartition(":")
-    if not separator or not amount.isdigit():
+    if not separator or not _is_decimal_number(amount):
         raise CommandError(f"{argument!r} is not NAME:AMOUNT (for example PROMO_SUPER:100).")
     return {"name": name, "amount": int(amount)}
 
@@ -104,19 +112,21 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         verbosity: int = options["verbosity"]
-        entries = [
-            Entry(f"argument {number}", parse_coupon_argument(argument))
-            for number, argument in enumerate(options["coupons"], start=1)
-        ]
+        entries, problems = [], []
+        for number, argument in enumerate(options["coupons"], start=1):
+            try:
+                entries.append(Entry(f"argument {number}", parse_coupon_argument(argument)))
+            except CommandError as malformed:
+                problems.append(f"argument {number}: {malformed}")
         if options["file"]:
             from_file = read_coupon_file(options["file"])
             if not from_file:
                 raise CommandError(f"{options['file']} holds no coupons.")
             entries += from_file
-        if not entries:
+        if not entries and not problems:
             raise CommandError("Give coupons as NAME:AMOUNT arguments or with --file.")
 
-        coupons = self.validated(entries)
+        coupons = self.validated(entries, problems)
         created, skipped = [], []
         for coupon in coupons:
             try:
@@ -136,10 +146,10 @@ class Command(BaseCommand):
                 summary += f" Skipped: {shown}"
             self.stdout.write(self.style.SUCCESS(summary))
 
-    def validated(self, entries: list[Entry]) -> list[dict[str, Any]]:
+    def validated(self, entries: list[Entry], problems: list[str]) -> list[dict[str, Any]]:
         """Check every entry as the API would, and that no name comes twice; raise with every
-        problem found, so that one run shows them all."""
-        problems, coupons = [], []
+        problem found (and those already found), so that one run shows them all."""
+        coupons = []
         first_given: dict[str, str] = {}
         for entry in entries:
             serializer = CouponSerializer(data=entry.fields)
