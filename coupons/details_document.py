@@ -11,8 +11,9 @@ around it: no Python object per claim.
 Measured in pairs on 2026-12-04 (`make bench-compare REV=d9c0879 SCENARIOS=B3`, the list
 read by the ORM and written by CouponSerializer and JSONRenderer; 2 cores shared with
 PostgreSQL): B3's read of a coupon with 100,000 claims 0.67 × the time on a fresh table
-(27 against 40 ms; 0.48 × over four pairs as the claims table grew) and 0.50 × a worker's
-peak memory. docs/performance.md, "The details document", has the figures.
+(27 against 40 ms; 0.48 × over four pairs as the claims table grew, as that form's
+subquery bound "id > 0" as a parameter, which the partial index cannot serve) and 0.50 × a
+worker's peak memory. docs/performance.md, "The details document", has the figures.
 
 The document is written exactly as DRF's JSONRenderer writes CouponSerializer's answer:
 compact, UTF-8, with U+2028 and U+2029 escaped (test_http_server.py compares the two byte for

@@ -159,6 +159,7 @@ SOLD_OUT_MEMORY_SECONDS = float(os.environ.get("SOLD_OUT_MEMORY_SECONDS") or 1.0
 DATA_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("MAX_BODY_BYTES", str(64 * 1024)))
 
 REST_FRAMEWORK = {
+    # JSON only; the API's viewset parses with coupons.api.BoundedJSONParser.
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     # The API is called by a shop's backend on a private network; no sessions or CSRF.
