@@ -210,3 +210,18 @@ def test_the_admin_stores_a_padded_name_exactly_as_given(admin_client: Client) -
 
     assert response.status_code == 302
     assert list(Coupon.objects.values_list("name", flat=True)) == ["  padded  "]
+
+
+def test_deleting_coupons_in_the_admin_deletes_their_claims(
+    admin_client: Client, sold_out_coupon: Coupon
+) -> None:
+    fresh = Coupon.objects.get(name="FRESH")
+    admin_client.post(f"/admin/coupons/coupon/{fresh.pk}/delete/", {"post": "yes"})
+    response = admin_client.post(
+        "/admin/coupons/coupon/",
+        {"action": "delete_selected", "_selected_action": [sold_out_coupon.pk], "post": "yes"},
+    )
+
+    assert response.status_code == 302
+    assert not Coupon.objects.exists()
+    assert not ClaimHistory.objects.exists()
