@@ -30,7 +30,7 @@ class SoldOutFilter(admin.SimpleListFilter):
 class CouponAdminForm(forms.ModelForm[Coupon]):
     class Meta:
         model = Coupon
-        fields = ["name", "amount"]
+        fields = ["name", "amount", "starts_at", "ends_at"]
 
     def clean_amount(self) -> int:
         amount: int = self.cleaned_data["amount"]
@@ -52,6 +52,8 @@ class CouponAdmin(admin.ModelAdmin[Coupon]):
         "remaining_amount",
         "claimed_count",
         "sold_out",
+        "starts_at",
+        "ends_at",
         "created_at",
     ]
     list_filter = [SoldOutFilter, "created_at"]
@@ -81,10 +83,16 @@ class CouponAdmin(admin.ModelAdmin[Coupon]):
             services.delete_coupon(coupon_id=coupon_id)
 
     def save_model(self, request: HttpRequest, obj: Coupon, form: Any, change: bool) -> None:
-        if change:
-            saved = services.change_coupon_amount(coupon_id=obj.pk, amount=obj.amount)
+        if not change:
+            saved = services.create_coupon(
+                name=obj.name, amount=obj.amount, starts_at=obj.starts_at, ends_at=obj.ends_at
+            )
         else:
-            saved = services.create_coupon(name=obj.name, amount=obj.amount)
+            saved = services.change_coupon_amount(coupon_id=obj.pk, amount=obj.amount)
+            if {"starts_at", "ends_at"} & set(form.changed_data):
+                saved = services.change_sale_window(
+                    coupon_id=obj.pk, starts_at=obj.starts_at, ends_at=obj.ends_at
+                )
         obj.pk = saved.pk
         obj.remaining_amount = saved.remaining_amount
         obj.created_at = saved.created_at

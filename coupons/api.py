@@ -1,25 +1,35 @@
 """The HTTP API: parse, call the service, answer."""
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from http import HTTPStatus
 from typing import IO, Any
 
+import django_filters
 from django.core.exceptions import ValidationError
+from django.db.models import QuerySet
 from django.http import HttpResponse
-from rest_framework import viewsets
+from django.utils import timezone
+from django_filters.rest_framework import DjangoFilterBackend
+from rest_framework import mixins, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import ParseError
-from rest_framework.negotiation import DefaultContentNegotiation
-from rest_framework.parsers import JSONParser
+from rest_framework.negotiation import BaseContentNegotiation, DefaultContentNegotiation
+from rest_framework.pagination import CursorPagination
+from rest_framework.parsers import BaseParser, JSONParser
 from rest_framework.renderers import BaseRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from coupons import services
 from coupons.details_document import details_document
-from coupons.errors import CouponNotFound
-from coupons.models import Coupon
-from coupons.serializers import ClaimSerializer, CouponSerializer
+from coupons.errors import ClaimNotFound, CouponNotFound
+from coupons.models import ClaimHistory, Coupon, CouponQuerySet
+from coupons.serializers import (
+    ClaimSerializer,
+    CouponDetailsSerializer,
+    CouponSerializer,
+    idempotency_key,
+)
 
 
 class AlwaysJSON(DefaultContentNegotiation):
@@ -50,34 +60,84 @@ class BoundedJSONParser(JSONParser):
             raise ParseError("JSON parse error - the body is nested too deeply.") from None
 
 
-class CouponViewSet(viewsets.GenericViewSet[Coupon]):
-    """Create coupons, claim them, and read their state."""
+class NewestFirst(CursorPagination):
+    """Coupons, newest first, a page at a time."""
 
-    queryset = Coupon.objects.all()
-    serializer_class = CouponSerializer
-    lookup_field = "name"
-    # Any name without "/", percent-encoded in the path.
-    lookup_value_regex = "[^/]+"
-    content_negotiation_class = AlwaysJSON
-    parser_classes = [BoundedJSONParser]
+    ordering = "-created_at"
+    page_size = 100
+    page_size_query_param = "page_size"
+    max_page_size = 1000
+
+
+class InClaimOrder(CursorPagination):
+    """A coupon's claims in the order they were made, a page at a time."""
+
+    ordering = "id"
+    page_size = 100
+    page_size_query_param = "page_size"
+    max_page_size = 1000
+
+
+class StrictBooleanFilter(django_filters.TypedChoiceFilter):
+    """`true` or `false`; anything else is refused with 400, not ignored."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        choices = [("true", "true"), ("false", "false")]
+        super().__init__(choices=choices, coerce=lambda value: value == "true", **kwargs)
+
+
+class CouponFilter(django_filters.FilterSet):
+    sold_out = StrictBooleanFilter(
+        method="filter_sold_out", label="true: no stock left; false: some stock left"
+    )
+    live = StrictBooleanFilter(
+        method="filter_live", label="true: inside its sale window with stock left"
+    )
+
+    class Meta:
+        model = Coupon
+        fields: list[str] = []
+
+    def filter_sold_out(self, queryset: CouponQuerySet, name: str, value: bool) -> CouponQuerySet:
+        return queryset.sold_out(value)
+
+    def filter_live(self, queryset: CouponQuerySet, name: str, value: bool) -> CouponQuerySet:
+        now = timezone.now()
+        return queryset.live(now) if value else queryset.not_live(now)
+
+
+class JSONApi:
+    """What every view of the API shares: JSON in, JSON out, nobody authenticated."""
+
+    content_negotiation_class: type[BaseContentNegotiation] = AlwaysJSON
+    parser_classes: Sequence[type[BaseParser]] = [BoundedJSONParser]
 
     def perform_authentication(self, request: Request) -> None:
         """Leave `request.user` unresolved, as DRF suggests where it is not needed: the API
         authenticates nobody (settings.REST_FRAMEWORK)."""
 
+
+class CouponViewSet(JSONApi, mixins.ListModelMixin, viewsets.GenericViewSet[Coupon]):
+    """Create coupons, list them, claim them, and read their state."""
+
+    queryset = Coupon.objects.all()
+    serializer_class = CouponSerializer
+    pagination_class = NewestFirst
+    filter_backends = [DjangoFilterBackend]
+    filterset_class = CouponFilter
+    lookup_field = "name"
+    # Any name without "/", percent-encoded in the path.
+    lookup_value_regex = "[^/]+"
+
     def create(self, request: Request) -> Response:
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         coupon = services.create_coupon(**serializer.validated_data)
-        return Response(self.get_serializer(coupon).data, HTTPStatus.CREATED)
+        return Response(CouponDetailsSerializer(coupon).data, HTTPStatus.CREATED)
 
     def retrieve(self, request: Request, name: str) -> HttpResponse:
-        try:
-            # A name no coupon could have (with a control character, say) is not looked up.
-            Coupon._meta.get_field("name").run_validators(name)
-        except ValidationError:
-            raise CouponNotFound() from None
-        # Written by the database, in CouponSerializer's shape (details_document.py).
+        refuse_impossible_name(name)
+        # Written by the database, in CouponDetailsSerializer's shape (details_document.py).
         document = details_document(name)
         if document is None:
             raise CouponNotFound()
@@ -87,13 +147,74 @@ class CouponViewSet(viewsets.GenericViewSet[Coupon]):
     def claim(self, request: Request) -> Response:
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        claim = services.claim_coupon(
+        claim = services.claim_coupon_idempotently(
             coupon_name=serializer.validated_data["coupon"]["name"],
             user_id=serializer.validated_data["user_id"],
+            idempotency_key=idempotency_key(request.headers.get("Idempotency-Key")),
         )
-        return Response(self.get_serializer(claim).data, HTTPStatus.CREATED)
+        replayed = {"Idempotent-Replayed": "true"} if claim.replayed else None
+        return Response(self.get_serializer(claim).data, HTTPStatus.CREATED, headers=replayed)
 
     @claim.mapping.get
     def details_of_coupon_named_claim(self, request: Request) -> HttpResponse:
         # The claim route shadows GET /api/coupons/claim; a coupon may be named "claim".
         return self.retrieve(request, name="claim")
+
+
+class CouponClaimViewSet(
+    JSONApi,
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.DestroyModelMixin,
+    viewsets.GenericViewSet[ClaimHistory],
+):
+    """A coupon's claims: listed in claim order (for coupons too big for claimed_by), one
+    user's claim looked up (what a checkout asks before applying a discount), or revoked."""
+
+    serializer_class = ClaimSerializer
+    pagination_class = InClaimOrder
+    lookup_field = "user_id"
+    # A user id may hold "/", percent-encoded in the path; a trailing "/" is not part of it.
+    lookup_value_regex = ".+?"
+
+    def get_queryset(self) -> "QuerySet[ClaimHistory]":
+        return coupon_named(self.kwargs["name"]).claims.select_related("coupon")
+
+    def get_object(self) -> ClaimHistory:
+        return claim_of(coupon_named(self.kwargs["name"]), self.kwargs["user_id"])
+
+    def perform_destroy(self, instance: ClaimHistory) -> None:
+        # One unit back to the stock, the user free to claim again: the admin's revocation.
+        if not services.revoke_claim(claim_id=instance.pk):
+            raise ClaimNotFound()  # Revoked by someone else meanwhile.
+
+
+def refuse_impossible_name(name: str) -> None:
+    """Raise CouponNotFound for a name no coupon could have (with a control character, say),
+    before it reaches a query."""
+    try:
+        Coupon._meta.get_field("name").run_validators(name)
+    except ValidationError:
+        raise CouponNotFound() from None
+
+
+def coupon_named(name: str) -> Coupon:
+    """The coupon of this name, or CouponNotFound."""
+    refuse_impossible_name(name)
+    coupon = Coupon.objects.filter(name=name).first()
+    if coupon is None:
+        raise CouponNotFound()
+    return coupon
+
+
+def claim_of(coupon: Coupon, user_id: str) -> ClaimHistory:
+    """The user's claim on the coupon, or ClaimNotFound."""
+    try:
+        ClaimHistory._meta.get_field("user_id").run_validators(user_id)
+    except ValidationError:
+        raise ClaimNotFound() from None
+    claim = coupon.claims.filter(user_id=user_id).first()
+    if claim is None:
+        raise ClaimNotFound()
+    claim.coupon = coupon
+    return claim

@@ -16,6 +16,7 @@ writes. The checks that decide whether a unit may be taken stay in Python, in
 services.claim_coupon; this only writes.
 """
 
+import datetime
 from typing import TYPE_CHECKING, Any
 
 from django.db import connections, models, router
@@ -26,17 +27,28 @@ if TYPE_CHECKING:
 
 
 class ClaimQuerySet(models.QuerySet["ClaimHistory"]):
-    def take_unit(self, *, coupon: "Coupon", user_id: str) -> "ClaimHistory":
-        """Record the user's claim and take its unit from the coupon's stock.
+    def take_unit(
+        self,
+        *,
+        coupon: "Coupon",
+        user_id: str,
+        claimed_at: datetime.datetime,
+        idempotency_key: str = "",
+    ) -> "ClaimHistory":
+        """Record the user's claim, made at claimed_at, and take its unit from the stock.
 
         Call it inside the claim's transaction, holding the coupon's row lock, once the
-        checks have passed. The claim's time is taken under the lock, so claim ids and
-        times follow commit order.
+        checks have passed: claim ids then follow commit order.
         """
         using = router.db_for_write(self.model)
         connection = connections[using]
         if connection.vendor != "postgresql":
-            claim = self.using(using).create(coupon=coupon, user_id=user_id)
+            claim = self.using(using).create(
+                coupon=coupon,
+                user_id=user_id,
+                claimed_at=claimed_at,
+                idempotency_key=idempotency_key,
+            )
             type(coupon).objects.using(using).filter(pk=coupon.pk).update(
                 remaining_amount=F("remaining_amount") - 1, updated_at=claim.claimed_at
             )
@@ -45,18 +57,25 @@ class ClaimQuerySet(models.QuerySet["ClaimHistory"]):
         sql = f"""
             WITH unit AS (
                 UPDATE {quote(coupon._meta.db_table)}
-                SET remaining_amount = remaining_amount - 1, updated_at = clock_timestamp()
+                SET remaining_amount = remaining_amount - 1, updated_at = %s
                 WHERE id = %s
-                RETURNING id, updated_at
+                RETURNING id
             )
-            INSERT INTO {quote(self.model._meta.db_table)} (coupon_id, user_id, claimed_at)
-            SELECT id, %s, updated_at FROM unit
-            RETURNING id, claimed_at
+            INSERT INTO {quote(self.model._meta.db_table)}
+                (coupon_id, user_id, idempotency_key, claimed_at)
+            SELECT id, %s, %s, %s FROM unit
+            RETURNING id
         """
         with connection.cursor() as cursor:
-            cursor.execute(sql, [coupon.pk, user_id])
+            cursor.execute(sql, [claimed_at, coupon.pk, user_id, idempotency_key, claimed_at])
             row: Any = cursor.fetchone()
-        claim_id, claimed_at = row
-        claim = self.model(id=claim_id, coupon=coupon, user_id=user_id, claimed_at=claimed_at)
+        (claim_id,) = row
+        claim = self.model(
+            id=claim_id,
+            coupon=coupon,
+            user_id=user_id,
+            idempotency_key=idempotency_key,
+            claimed_at=claimed_at,
+        )
         claim._state.adding, claim._state.db = False, using  # As if read from the database.
         return claim

@@ -40,6 +40,18 @@ class CouponExists(CouponError):
     message = "A coupon with this name already exists."
 
 
+class SaleNotStarted(CouponError):
+    code = "sale_not_started"
+    status = HTTPStatus.CONFLICT
+    message = "This coupon's sale has not started yet."
+
+
+class SaleEnded(CouponError):
+    code = "sale_ended"
+    status = HTTPStatus.CONFLICT
+    message = "This coupon's sale has ended."
+
+
 class AlreadyClaimed(CouponError):
     code = "already_claimed"
     status = HTTPStatus.CONFLICT
@@ -50,6 +62,18 @@ class OutOfStock(CouponError):
     code = "out_of_stock"
     status = HTTPStatus.CONFLICT
     message = "This coupon has no stock left."
+
+
+class ClaimNotFound(CouponError):
+    code = "claim_not_found"
+    status = HTTPStatus.NOT_FOUND
+    message = "This user holds no claim on this coupon."
+
+
+class IdempotencyKeyReused(CouponError):
+    code = "idempotency_key_reused"
+    status = HTTPStatus.UNPROCESSABLE_ENTITY
+    message = "This Idempotency-Key was used for a claim by another user or on another coupon."
 
 
 class AmountBelowClaimed(CouponError):

@@ -4,14 +4,16 @@ The input rules live here, on the fields, once: the API's serializers, the admin
 the seed_coupons command all inherit them.
 """
 
+import datetime
 from typing import Any
 
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 from django.db.models import Exists, F, OuterRef, Q
+from django.utils import timezone
 
 from coupons.claim_write import ClaimQuerySet
-from coupons.errors import AmountBelowClaimed
+from coupons.errors import AmountBelowClaimed, SaleEnded, SaleNotStarted
 
 MAX_AMOUNT = 2_147_483_647
 
@@ -33,6 +35,24 @@ visible = RegexValidator(
 )
 
 
+# An Idempotency-Key header: visible ASCII only, as HTTP headers carry it.
+visible_ascii = RegexValidator(
+    r"\A[\x21-\x7e]+\Z",
+    message="Must be 1 to 255 visible ASCII characters (no spaces).",
+    code="not_visible_ascii",
+)
+
+
+def check_sale_window(
+    starts_at: datetime.datetime | None, ends_at: datetime.datetime | None, now: datetime.datetime
+) -> None:
+    """Raise SaleNotStarted before the window opens, SaleEnded once it has closed."""
+    if starts_at is not None and now < starts_at:
+        raise SaleNotStarted()
+    if ends_at is not None and now >= ends_at:
+        raise SaleEnded()
+
+
 class NameField(models.CharField[str, str]):
     """A name or id of 1 to 255 characters, kept exactly as given: forms do not trim it."""
 
@@ -51,6 +71,25 @@ class NameField(models.CharField[str, str]):
 
 
 class CouponQuerySet(models.QuerySet["Coupon"]):
+    def sold_out(self, sold_out: bool = True) -> "CouponQuerySet":
+        """Coupons with no stock left (or, with False, with some)."""
+        return self.filter(remaining_amount=0) if sold_out else self.filter(remaining_amount__gt=0)
+
+    def live(self, now: datetime.datetime) -> "CouponQuerySet":
+        """Coupons open for claims at `now`: inside their sale window, with stock left."""
+        return self.filter(self._live_condition(now))
+
+    def not_live(self, now: datetime.datetime) -> "CouponQuerySet":
+        return self.exclude(self._live_condition(now))
+
+    @staticmethod
+    def _live_condition(now: datetime.datetime) -> Q:
+        return (
+            Q(remaining_amount__gt=0)
+            & (Q(starts_at__isnull=True) | Q(starts_at__lte=now))
+            & (Q(ends_at__isnull=True) | Q(ends_at__gt=now))
+        )
+
     def with_holder(self, user_id: str) -> "CouponQuerySet":
         """Annotate each coupon with `held`: whether this user holds a unit of it."""
         holder = ClaimHistory.objects.filter(coupon=OuterRef("pk"), user_id=user_id)
@@ -68,6 +107,12 @@ class Coupon(models.Model):
     # A stored counter, decremented in the claim's transaction: a claim costs the same
     # whether 5 or 500,000 claims were made before it.
     remaining_amount = models.PositiveIntegerField(help_text="Stock left to claim.")
+    # The sale window: claims are taken from starts_at (at once if empty) until ends_at
+    # (never closing if empty).
+    starts_at = models.DateTimeField(
+        null=True, blank=True, help_text="Claims open; empty: at once."
+    )
+    ends_at = models.DateTimeField(null=True, blank=True, help_text="Claims close; empty: never.")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -88,6 +133,13 @@ class Coupon(models.Model):
                 name="coupon_remaining_within_amount",
                 violation_error_message="The stock left must be from 0 to the amount.",
             ),
+            models.CheckConstraint(
+                condition=Q(starts_at__isnull=True)
+                | Q(ends_at__isnull=True)
+                | Q(ends_at__gt=F("starts_at")),
+                name="coupon_window_ends_after_start",
+                violation_error_message="ends_at must be after starts_at.",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -102,6 +154,10 @@ class Coupon(models.Model):
     def is_sold_out(self) -> bool:
         return self.remaining_amount == 0
 
+    def check_sale_window(self, now: datetime.datetime) -> None:
+        """Raise SaleNotStarted or SaleEnded if claims are not taken at `now`."""
+        check_sale_window(self.starts_at, self.ends_at, now)
+
     def check_new_amount(self, amount: int) -> None:
         """Raise AmountBelowClaimed if the stock cannot become `amount`: claims are kept."""
         if amount < self.claimed_count:
@@ -110,8 +166,9 @@ class Coupon(models.Model):
             )
 
 
-# The unique (coupon, user_id) constraint's name, as the database reports a violation of it.
+# The unique constraints' names, as the database reports a violation of them.
 ONE_CLAIM_PER_USER = "claim_one_per_user"
+ONE_CLAIM_PER_IDEMPOTENCY_KEY = "claim_one_per_idempotency_key"
 
 
 class ClaimHistory(models.Model):
@@ -125,9 +182,18 @@ class ClaimHistory(models.Model):
         db_index=False,
     )
     user_id = NameField(validators=[no_control_characters])
-    claimed_at = models.DateTimeField(auto_now_add=True)
+    # Given by the claim: the instant its sale window was checked against, under the lock.
+    claimed_at = models.DateTimeField(default=timezone.now)
+    # The claim request's Idempotency-Key, empty if it had none: a retry with the same key
+    # is answered with this claim.
+    idempotency_key = models.CharField(
+        max_length=255, blank=True, default="", db_default="", validators=[visible_ascii]
+    )
 
     objects = ClaimQuerySet.as_manager()
+
+    # Set by services.claim_coupon on a claim it answers again for a retried request.
+    replayed = False
 
     class Meta:
         verbose_name = "claim"
@@ -135,6 +201,13 @@ class ClaimHistory(models.Model):
         constraints = [
             # Backs the one-claim-per-user rule even if application code were wrong.
             models.UniqueConstraint(fields=["coupon", "user_id"], name=ONE_CLAIM_PER_USER),
+            # A key names one claim request, whatever the coupon: a retry finds its claim by
+            # the key alone, and a key reused for another coupon or user is refused.
+            models.UniqueConstraint(
+                fields=["idempotency_key"],
+                condition=~Q(idempotency_key=""),
+                name=ONE_CLAIM_PER_IDEMPOTENCY_KEY,
+            ),
         ]
         indexes = [
             # The claimed_by listing, in claim order. Partial on "id > 0", which every row

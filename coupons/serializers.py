@@ -4,9 +4,13 @@ Every input rule comes from the model's fields (coupons/models.py); these serial
 only what JSON needs: strings must be strings, integers integers, and nothing else is taken.
 """
 
+import datetime
 from typing import Any
 
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import models
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 from rest_framework import serializers
 from rest_framework.validators import UniqueValidator
 
@@ -49,6 +53,20 @@ def refuse_unknown_fields(serializer: serializers.Serializer[Any], data: Any) ->
             raise serializers.ValidationError({field: ["Unknown field."] for field in unknown})
 
 
+class AwareDateTimeField(serializers.DateTimeField):
+    """An ISO 8601 date and time that says its time zone: a bare local time is refused."""
+
+    default_error_messages = {"naive": "Must include a time zone, such as Z or +02:00."}
+
+    def to_internal_value(self, value: Any) -> datetime.datetime:
+        if not isinstance(value, str):
+            self.fail("invalid", format="ISO 8601")
+        parsed = parse_datetime(value.strip())
+        if parsed is not None and timezone.is_naive(parsed):
+            self.fail("naive")
+        return super().to_internal_value(value)
+
+
 class StrictModelSerializer(serializers.ModelSerializer[Any]):
     """A serializer whose fields, validators included, are the model's; it refuses any field
     it does not take, so nothing can be set that the API does not offer."""
@@ -57,6 +75,7 @@ class StrictModelSerializer(serializers.ModelSerializer[Any]):
         **serializers.ModelSerializer.serializer_field_mapping,
         models.CharField: StrictCharField,
         models.PositiveIntegerField: StrictIntegerField,
+        models.DateTimeField: AwareDateTimeField,
     }
 
     def build_standard_field(
@@ -78,17 +97,47 @@ class StrictModelSerializer(serializers.ModelSerializer[Any]):
 
 
 class CouponSerializer(StrictModelSerializer):
-    """A coupon's details: the four keys of the contract. Creating one takes name and amount."""
+    """A coupon in full, as listings show it; creating one takes its name, amount and sale
+    window."""
 
-    # A coupon just created has none. GET /api/coupons/{name} answers in this shape, written
-    # by the database (details_document.py).
+    claimed_count = serializers.IntegerField(read_only=True)
+
+    class Meta:
+        model = Coupon
+        fields = [
+            "name",
+            "amount",
+            "remaining_amount",
+            "claimed_count",
+            "starts_at",
+            "ends_at",
+            "created_at",
+        ]
+        read_only_fields = ["remaining_amount", "created_at"]
+        extra_kwargs = {"starts_at": {"required": False}, "ends_at": {"required": False}}
+        validators: list[Any] = []  # See build_standard_field and validate.
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        # The sale window's rule is the model's constraint (ends after it starts).
+        window = {key: attrs.get(key) for key in ("starts_at", "ends_at")}
+        try:
+            Coupon(**window).validate_constraints(exclude={"amount", "remaining_amount"})
+        except DjangoValidationError as refused:
+            raise serializers.ValidationError({"ends_at": refused.messages}) from None
+        return attrs
+
+
+class CouponDetailsSerializer(serializers.ModelSerializer[Coupon]):
+    """A coupon's details: exactly the four keys of the contract. GET /api/coupons/{name}
+    answers in this shape, written by the database (details_document.py)."""
+
+    # A coupon just created has none.
     claimed_by = serializers.ListField(child=serializers.CharField(), read_only=True, default=list)
 
     class Meta:
         model = Coupon
         fields = ["name", "amount", "remaining_amount", "claimed_by"]
-        read_only_fields = ["remaining_amount"]
-        validators: list[Any] = []  # See build_standard_field.
+        read_only_fields = fields
 
 
 class ClaimSerializer(serializers.Serializer[Any]):
@@ -110,3 +159,16 @@ class ClaimSerializer(serializers.Serializer[Any]):
     def to_internal_value(self, data: Any) -> Any:
         refuse_unknown_fields(self, data)
         return super().to_internal_value(data)
+
+
+def idempotency_key(header: str | None) -> str | None:
+    """The Idempotency-Key header's value, under the rules of ClaimHistory.idempotency_key;
+    None when the header is absent."""
+    if header is None:
+        return None
+    field = StrictCharField(validators=ClaimHistory._meta.get_field("idempotency_key").validators)
+    try:
+        key: str = field.run_validation(header)
+    except serializers.ValidationError as refused:
+        raise serializers.ValidationError({"Idempotency-Key": refused.detail}) from None
+    return key

@@ -1,6 +1,7 @@
 """The write paths of the product. The API, the admin and the commands all go through here."""
 
 import contextlib
+import datetime
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -11,15 +12,44 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from coupons.errors import AlreadyClaimed, CouponExists, CouponNotFound, OutOfStock
-from coupons.models import ONE_CLAIM_PER_USER, ClaimHistory, Coupon
+from coupons.errors import (
+    AlreadyClaimed,
+    CouponExists,
+    CouponNotFound,
+    IdempotencyKeyReused,
+    OutOfStock,
+    SaleEnded,
+    SaleNotStarted,
+)
+from coupons.models import (
+    ONE_CLAIM_PER_IDEMPOTENCY_KEY,
+    ONE_CLAIM_PER_USER,
+    ClaimHistory,
+    Coupon,
+    check_sale_window,
+)
 
 
-def create_coupon(*, name: str, amount: int) -> Coupon:
-    """Create a coupon with its whole stock available; raise CouponExists if the name is taken."""
+def create_coupon(
+    *,
+    name: str,
+    amount: int,
+    starts_at: datetime.datetime | None = None,
+    ends_at: datetime.datetime | None = None,
+) -> Coupon:
+    """Create a coupon with its whole stock available; raise CouponExists if the name is taken.
+
+    Claims are taken from starts_at (at once if None) until ends_at (for ever if None).
+    """
     try:
         with transaction.atomic():
-            coupon = Coupon.objects.create(name=name, amount=amount, remaining_amount=amount)
+            coupon = Coupon.objects.create(
+                name=name,
+                amount=amount,
+                remaining_amount=amount,
+                starts_at=starts_at,
+                ends_at=ends_at,
+            )
             # A coupon of this name deleted earlier may still be remembered sold out.
             transaction.on_commit(lambda: forget_coupon(name))
     except IntegrityError:
@@ -44,15 +74,19 @@ def forget_coupon(name: str) -> None:
     on_sale_memory.discard(name)
 
 
-def claim_coupon(*, coupon_name: str, user_id: str) -> ClaimHistory:
+def claim_coupon(*, coupon_name: str, user_id: str, idempotency_key: str = "") -> ClaimHistory:
     """Give one unit of a coupon to a user, or raise why not.
 
-    The checks come in the contract's order: CouponNotFound, then AlreadyClaimed, then
-    OutOfStock. Takes and releases the coupon row's lock; call it outside any transaction
+    The checks come in the contract's order: CouponNotFound, then SaleNotStarted or
+    SaleEnded, then AlreadyClaimed, then OutOfStock. The idempotency_key, if any, is
+    recorded with the claim; a claim with the same key already made is refused as
+    AlreadyClaimed (claim_coupon_idempotently answers it instead).
+
+    Takes and releases the coupon row's lock; call it outside any transaction
     (durable=True refuses a caller's atomic block, but cannot see a transaction opened by
     switching autocommit off: there the claim commits with its caller).
     """
-    sold_out_memory.answer(coupon_name, user_id)
+    sold_out_memory.answer(coupon_name, user_id, timezone.now())
     remembered_id = on_sale_memory.get(coupon_name)
     coupon_id = remembered_id or _look_before_queueing(coupon_name, user_id)
 
@@ -66,6 +100,8 @@ def claim_coupon(*, coupon_name: str, user_id: str) -> ClaimHistory:
             )
             if coupon.name != coupon_name:
                 raise Coupon.DoesNotExist  # The id was given to another coupon since.
+            now = timezone.now()  # The claim's instant: checked against the window, recorded.
+            coupon.check_sale_window(now)
             if coupon.is_sold_out and not coupon.held:
                 # Had this statement waited for the lock, its EXISTS still saw the claims
                 # as they were before the wait: look again, for the contract's order.
@@ -74,40 +110,74 @@ def claim_coupon(*, coupon_name: str, user_id: str) -> ClaimHistory:
                 raise AlreadyClaimed()
             if coupon.is_sold_out:
                 raise OutOfStock()
-            claim = ClaimHistory.objects.take_unit(coupon=coupon, user_id=user_id)
+            claim = ClaimHistory.objects.take_unit(
+                coupon=coupon, user_id=user_id, claimed_at=now, idempotency_key=idempotency_key
+            )
     except Coupon.DoesNotExist:
         # Deleted since this process looked it up, and perhaps made anew under its name.
         on_sale_memory.discard(coupon_name)
         if remembered_id is None:
             raise CouponNotFound() from None
-        return claim_coupon(coupon_name=coupon_name, user_id=user_id)
+        return claim_coupon(
+            coupon_name=coupon_name, user_id=user_id, idempotency_key=idempotency_key
+        )
+    except (SaleNotStarted, SaleEnded):
+        on_sale_memory.discard(coupon_name)  # Claims go back to the look, without the lock.
+        raise
     except OutOfStock:
         # Raised only on what the lock read: `coupon` is that row, as it stands.
         on_sale_memory.discard(coupon_name)
-        sold_out_memory.remember(coupon_name, coupon.pk, coupon.updated_at)
+        sold_out_memory.remember(coupon)
         raise
     except IntegrityError as error:
-        # A claim by this user committed after the lock statement's snapshot (the user's
-        # other request, which held the lock while this one waited), and the unique
-        # (coupon, user_id) index refused this one; the transaction is rolled back.
+        # A claim by this user, or with this key, committed after the lock statement's
+        # snapshot (another request, which held the lock while this one waited), and a
+        # unique index refused this one; the transaction is rolled back.
         if _refused_as_a_repeat(error):
             raise AlreadyClaimed() from None
         raise
     return claim
 
 
+def claim_coupon_idempotently(
+    *, coupon_name: str, user_id: str, idempotency_key: str | None
+) -> ClaimHistory:
+    """claim_coupon, safe to retry with the same idempotency_key.
+
+    A claim already made with the key by this user on this coupon is answered again, its
+    `replayed` set, without taking stock, whatever the coupon's stock or window now; the
+    key used by another user or on another coupon raises IdempotencyKeyReused.
+    """
+    if idempotency_key is None:
+        return claim_coupon(coupon_name=coupon_name, user_id=user_id)
+    earlier = _claim_made_with(idempotency_key, coupon_name, user_id)
+    if earlier is not None:
+        return earlier
+    try:
+        return claim_coupon(
+            coupon_name=coupon_name, user_id=user_id, idempotency_key=idempotency_key
+        )
+    except AlreadyClaimed:
+        # Made meanwhile, perhaps by this request's first try, still in flight.
+        earlier = _claim_made_with(idempotency_key, coupon_name, user_id)
+        if earlier is not None:
+            return earlier
+        raise
+
+
 def _look_before_queueing(coupon_name: str, user_id: str) -> int:
     """Return the id of the coupon to claim, or raise the refusal it already warrants.
 
-    Read without any lock: "already claimed" and "sold out" seen in a committed snapshot
-    were true at that moment, so they are honest answers, and the requests that end here
-    never queue for the lock.
+    Read without any lock: the window, "already claimed" and "sold out" seen in a
+    committed snapshot were true at that moment, so they are honest answers, and the
+    requests that end here never queue for the lock.
     """
     coupon = Coupon.objects.with_holder(user_id).filter(name=coupon_name).first()
     if coupon is None:
         raise CouponNotFound()
     if coupon.is_sold_out:
-        sold_out_memory.remember(coupon_name, coupon.pk, coupon.updated_at)
+        sold_out_memory.remember(coupon)
+    coupon.check_sale_window(timezone.now())
     if coupon.held:
         raise AlreadyClaimed()
     if coupon.is_sold_out:
@@ -116,15 +186,30 @@ def _look_before_queueing(coupon_name: str, user_id: str) -> int:
     return coupon.pk
 
 
+def _claim_made_with(idempotency_key: str, coupon_name: str, user_id: str) -> ClaimHistory | None:
+    """The claim made with this key, to answer again, if this user made it on this coupon;
+    None if no claim has the key. Raise IdempotencyKeyReused if another user or coupon has it."""
+    claim = ClaimHistory.objects.select_related("coupon").filter(idempotency_key=idempotency_key)
+    earlier = claim.first()
+    if earlier is None:
+        return None
+    if (earlier.coupon.name, earlier.user_id) != (coupon_name, user_id):
+        raise IdempotencyKeyReused()
+    earlier.replayed = True
+    return earlier
+
+
 def _refused_as_a_repeat(error: IntegrityError) -> bool:
-    """Whether the unique (coupon, user_id) constraint refused a claim, as PostgreSQL names it.
+    """Whether a claim's unique constraint refused the write, as PostgreSQL names it: one
+    claim per user and coupon, one claim per idempotency key.
 
     The name stays the answer should the claim that held the coupon be revoked before this
-    request is answered. (On SQLite no repeat gets this far: its write lock, taken as the
+    request is answered. (On SQLite no such refusal happens: its write lock, taken as the
     claim's transaction begins, shows the lock statement every committed claim.)
     """
     diagnostic = getattr(error.__cause__, "diag", None)
-    return getattr(diagnostic, "constraint_name", None) == ONE_CLAIM_PER_USER
+    constraint = getattr(diagnostic, "constraint_name", None)
+    return constraint in {ONE_CLAIM_PER_USER, ONE_CLAIM_PER_IDEMPOTENCY_KEY}
 
 
 def change_coupon_amount(*, coupon_id: int, amount: int) -> Coupon:
@@ -138,6 +223,22 @@ def change_coupon_amount(*, coupon_id: int, amount: int) -> Coupon:
         coupon.remaining_amount = amount - coupon.claimed_count
         coupon.amount = amount
         coupon.save(update_fields=["amount", "remaining_amount", "updated_at"])
+        transaction.on_commit(lambda: forget_coupon(coupon.name))
+    return coupon
+
+
+def change_sale_window(
+    *, coupon_id: int, starts_at: datetime.datetime | None, ends_at: datetime.datetime | None
+) -> Coupon:
+    """Set when a coupon's claims are taken (None: from now, for ever).
+
+    Inside a caller's transaction (the admin's), the coupon's lock lasts until that ends.
+    """
+    with transaction.atomic():
+        # Under the claims' lock, so no claim checks a window that is being replaced.
+        coupon = Coupon.objects.select_for_update(no_key=True).get(pk=coupon_id)
+        coupon.starts_at, coupon.ends_at = starts_at, ends_at
+        coupon.save(update_fields=["starts_at", "ends_at", "updated_at"])
         transaction.on_commit(lambda: forget_coupon(coupon.name))
     return coupon
 
@@ -183,6 +284,8 @@ class SoldOutCoupon:
 
     coupon_id: int
     version: object
+    starts_at: datetime.datetime | None
+    ends_at: datetime.datetime | None
     claimants: frozenset[str]
     seen_at: float
 
@@ -195,8 +298,10 @@ class SoldOutMemory:
     moves its `updated_at`; so an entry is trusted for `SOLD_OUT_MEMORY_SECONDS`, then
     checked against the row again (one indexed read) and reloaded only if it changed.
     Such an answer is at most that old; it never lets a claim through, so it cannot
-    oversell or double dip. Changes made in this process (more stock, a revoked claim, the
-    coupon deleted or made again) forget the entry as they commit.
+    oversell or double dip. It answers in the contract's order: the coupon's sale window
+    first, then its holders, then its stock. Changes made in this process (more stock, a
+    revoked claim, a new window, the coupon deleted or made again) forget the entry as
+    they commit.
     """
 
     max_coupons = 256
@@ -206,27 +311,35 @@ class SoldOutMemory:
     def __init__(self) -> None:
         self._coupons: OrderedDict[str, SoldOutCoupon] = OrderedDict()
 
-    def answer(self, coupon_name: str, user_id: str) -> None:
-        """Raise AlreadyClaimed or OutOfStock if the coupon is known to be sold out."""
+    def answer(self, coupon_name: str, user_id: str, now: datetime.datetime) -> None:
+        """Raise the refusal a claim at `now` gets if the coupon is known to be sold out."""
         entry = self._coupons.get(coupon_name)
         if entry and time.monotonic() - entry.seen_at < settings.SOLD_OUT_MEMORY_SECONDS:
+            check_sale_window(entry.starts_at, entry.ends_at, now)
             raise AlreadyClaimed() if user_id in entry.claimants else OutOfStock()
 
-    def remember(self, coupon_name: str, coupon_id: int, version: object) -> None:
-        """Note that the coupon was seen sold out at this version (its `updated_at`)."""
+    def remember(self, coupon: Coupon) -> None:
+        """Note that the coupon was seen sold out, as it was then (its `updated_at`)."""
         if settings.SOLD_OUT_MEMORY_SECONDS <= 0:
             return
-        entry = self._coupons.get(coupon_name)
-        if entry and (entry.coupon_id, entry.version) == (coupon_id, version):
+        entry = self._coupons.get(coupon.name)
+        if entry and (entry.coupon_id, entry.version) == (coupon.pk, coupon.updated_at):
             claimants = entry.claimants  # Unchanged since it was loaded.
         else:
-            holders = ClaimHistory.objects.filter(coupon_id=coupon_id).values_list("user_id")
+            holders = ClaimHistory.objects.filter(coupon_id=coupon.pk).values_list("user_id")
             if holders[self.max_claimants : self.max_claimants + 1].exists():
                 return
             claimants = frozenset(user_id for (user_id,) in holders)
-        if coupon_name not in self._coupons and len(self._coupons) >= self.max_coupons:
+        if coupon.name not in self._coupons and len(self._coupons) >= self.max_coupons:
             _drop_oldest(self._coupons)
-        self._coupons[coupon_name] = SoldOutCoupon(coupon_id, version, claimants, time.monotonic())
+        self._coupons[coupon.name] = SoldOutCoupon(
+            coupon.pk,
+            coupon.updated_at,
+            coupon.starts_at,
+            coupon.ends_at,
+            claimants,
+            time.monotonic(),
+        )
 
     def forget(self, coupon_name: str) -> None:
         """Drop what is known of a coupon whose stock or claims this process changed."""

@@ -4,12 +4,17 @@ from django.contrib import admin
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
-from coupons.api import CouponViewSet
+from coupons.api import CouponClaimViewSet, CouponViewSet
 
 router = SimpleRouter()
 # Every API path answers with or without a trailing slash (no redirect for a POST to lose).
 router.trailing_slash = "/?"
 router.register("api/coupons", CouponViewSet, basename="coupon")
+router.register(
+    f"api/coupons/(?P<name>{CouponViewSet.lookup_value_regex})/claims",
+    CouponClaimViewSet,
+    basename="coupon-claim",
+)
 
 urlpatterns = [
     *router.urls,

@@ -36,10 +36,12 @@ class LiveServer:
     port: int
     process: subprocess.Popen[bytes] = field(repr=False)
 
-    def request(self, method: str, path: str, body: Any = None) -> Response:
+    def request(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> Response:
         connection = http.client.HTTPConnection(self.host, self.port, timeout=60)
         try:
-            return send(connection, method, path, body)
+            return send(connection, method, path, body, headers)
         finally:
             connection.close()
 
@@ -67,13 +69,20 @@ class LiveServer:
         return [int(pid) for pid in children.read_text().split()]
 
 
-def send(connection: http.client.HTTPConnection, method: str, path: str, body: Any) -> Response:
-    headers = {"Content-Type": "application/json"} if body is not None else {}
+def send(
+    connection: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    body: Any,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    sent = {"Content-Type": "application/json"} if body is not None else {}
     payload = json.dumps(body) if body is not None else None
-    connection.request(method, path, body=payload, headers=headers)
+    connection.request(method, path, body=payload, headers={**sent, **(headers or {})})
     reply = connection.getresponse()
     raw = reply.read()
-    return Response(reply.status, json.loads(raw) if raw else None)
+    answered = {name.lower(): value for name, value in reply.getheaders()}
+    return Response(reply.status, json.loads(raw) if raw else None, answered)
 
 
 def read_until_closed(connection: socket.socket) -> bytes:
@@ -187,9 +196,10 @@ def environment_for(database_url: str | None, sqlite_path: Path | None = None) -
     return environment
 
 
-def concurrently(
-    servers: Sequence[LiveServer], requests: Sequence[tuple[str, str, Any]]
-) -> list[Response]:
+Request = tuple[str, str, Any] | tuple[str, str, Any, dict[str, str]]
+
+
+def concurrently(servers: Sequence[LiveServer], requests: Sequence[Request]) -> list[Response]:
     """Send every request at once, each on its own connection, spread across the servers.
 
     Every thread connects first and waits at a barrier, so the requests leave together.
@@ -198,13 +208,15 @@ def concurrently(
     barrier = threading.Barrier(len(requests))
     responses: list[Response] = [Response(0, None)] * len(requests)
 
-    def run(index: int, method: str, path: str, body: Any) -> None:
+    def run(
+        index: int, method: str, path: str, body: Any, headers: dict[str, str] | None = None
+    ) -> None:
         server = servers[index % len(servers)]
         connection = http.client.HTTPConnection(server.host, server.port, timeout=120)
         try:
             connection.connect()
             barrier.wait(timeout=60)
-            responses[index] = send(connection, method, path, body)
+            responses[index] = send(connection, method, path, body, headers)
         except (OSError, http.client.HTTPException):
             responses[index] = Response(0, None)
         finally:
@@ -221,8 +233,11 @@ def concurrently(
     return responses
 
 
-def claim_request(user_id: str, coupon_name: str) -> tuple[str, str, Any]:
-    return ("POST", "/api/coupons/claim", {"user_id": user_id, "coupon_name": coupon_name})
+def claim_request(user_id: str, coupon_name: str, idempotency_key: str | None = None) -> Request:
+    body = {"user_id": user_id, "coupon_name": coupon_name}
+    if idempotency_key is None:
+        return ("POST", "/api/coupons/claim", body)
+    return ("POST", "/api/coupons/claim", body, {"Idempotency-Key": idempotency_key})
 
 
 def status_counts(responses: Sequence[Response]) -> Counter[int]:

@@ -1,9 +1,12 @@
 """The operators' admin: a view over the same tables, writing only through the services."""
 
+import datetime
+
 import pytest
 from django.test import Client
 
 from coupons import services
+from coupons.errors import SaleEnded
 from coupons.models import ClaimHistory, Coupon
 
 pytestmark = pytest.mark.django_db
@@ -44,11 +47,73 @@ def test_coupon_list_filters_and_searches(
     assert {coupon.name for coupon in response.context["cl"].result_list} == names
 
 
-def test_the_add_coupon_page_asks_for_a_name_and_an_amount(admin_client: Client) -> None:
+def test_the_add_coupon_page_asks_for_a_name_an_amount_and_a_sale_window(
+    admin_client: Client,
+) -> None:
     response = admin_client.get("/admin/coupons/coupon/add/")
 
     assert response.status_code == 200
-    assert set(response.context["adminform"].form.fields) == {"name", "amount"}
+    assert set(response.context["adminform"].form.fields) == {
+        "name",
+        "amount",
+        "starts_at",
+        "ends_at",
+    }
+
+
+def window(starts: str, ends: str) -> dict[str, str]:
+    """The admin's split date and time inputs for a sale window, in UTC."""
+    (start_date, start_time), (end_date, end_time) = starts.split(), ends.split()
+    return {
+        "starts_at_0": start_date,
+        "starts_at_1": start_time,
+        "ends_at_0": end_date,
+        "ends_at_1": end_time,
+    }
+
+
+def test_a_sale_window_set_in_the_admin_is_kept(admin_client: Client) -> None:
+    response = admin_client.post(
+        "/admin/coupons/coupon/add/",
+        {"name": "TIMED", "amount": "5", **window("2030-01-01 10:00:00", "2030-01-01 11:00:00")},
+    )
+
+    assert response.status_code == 302
+    coupon = Coupon.objects.get(name="TIMED")
+    assert (coupon.starts_at, coupon.ends_at) == (
+        datetime.datetime(2030, 1, 1, 10, tzinfo=datetime.UTC),
+        datetime.datetime(2030, 1, 1, 11, tzinfo=datetime.UTC),
+    )
+
+
+def test_a_window_that_ends_before_it_starts_is_refused_in_the_admin(
+    admin_client: Client, sold_out_coupon: Coupon
+) -> None:
+    response = admin_client.post(
+        f"/admin/coupons/coupon/{sold_out_coupon.pk}/change/",
+        {"amount": "2", **window("2030-01-01 11:00:00", "2030-01-01 10:00:00")},
+    )
+
+    assert response.status_code == 200
+    assert "ends_at must be after starts_at." in response.content.decode()
+    sold_out_coupon.refresh_from_db()
+    assert (sold_out_coupon.starts_at, sold_out_coupon.ends_at) == (None, None)
+
+
+def test_changing_the_window_in_the_admin_goes_through_the_service(
+    admin_client: Client, sold_out_coupon: Coupon
+) -> None:
+    response = admin_client.post(
+        f"/admin/coupons/coupon/{sold_out_coupon.pk}/change/",
+        {"amount": "3", **window("2020-01-01 00:00:00", "2020-01-02 00:00:00")},
+    )
+
+    assert response.status_code == 302
+    sold_out_coupon.refresh_from_db()
+    assert (sold_out_coupon.amount, sold_out_coupon.remaining_amount) == (3, 1)
+    assert sold_out_coupon.ends_at is not None and sold_out_coupon.ends_at.year == 2020
+    with pytest.raises(SaleEnded):
+        services.claim_coupon(coupon_name="SOLD", user_id="late")
 
 
 def test_adding_a_coupon_in_the_admin_gives_it_its_whole_stock(admin_client: Client) -> None:

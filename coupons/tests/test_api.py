@@ -256,7 +256,6 @@ def test_an_oversized_body_is_refused(api_client: APIClient, path: str) -> None:
 @pytest.mark.parametrize(
     ("method", "path"),
     [
-        ("GET", CREATE),
         ("PUT", CREATE),
         ("DELETE", CREATE),
         ("PUT", CLAIM),

@@ -3,10 +3,15 @@
 Races are probabilistic, so every scenario runs for many rounds on fresh coupons.
 """
 
+import datetime
+import random
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -136,13 +141,127 @@ def test_every_read_is_one_consistent_snapshot_while_claims_commit(
     assert snapshots[-1]["remaining_amount"] == 0
 
 
-def test_the_flash_sale_check_catches_a_claim_without_a_lock(
-    postgres_environment: dict[str, str],
-) -> None:
-    with live.gunicorn(
-        postgres_environment, application="coupons.tests.unsafe_claim_wsgi:application"
-    ) as unsafe_server:
-        rounds = [run_flash_sale([unsafe_server], stock=5, shoppers=50) for _ in range(5)]
+def test_the_flash_sale_check_catches_a_claim_without_a_lock() -> None:
+    # A database of its own: the unsafe claim oversells, which other tests' audits would see.
+    with live.postgres_database("coupons_unsafe") as database_url:
+        environment = live.environment_for(database_url)
+        live.migrate(environment)
+        with live.gunicorn(
+            environment, application="coupons.tests.unsafe_claim_wsgi:application"
+        ) as unsafe_server:
+            rounds = [run_flash_sale([unsafe_server], stock=5, shoppers=50) for _ in range(5)]
 
     assert any(violations for violations in rounds), "the unsafe claim was never caught"
     assert any("succeeded on stock 5" in problem for violations in rounds for problem in violations)
+
+
+# Beyond the contract: retried claims, revocations and sale windows, under the same load.
+
+
+def test_concurrent_retries_of_one_claim_take_one_unit(servers: list[LiveServer]) -> None:
+    for round_number in range(ROUNDS // 2):
+        name = fresh_coupon(servers[0], 5)
+        retries = [claim_request("retrier", name, f"order-{name}")] * 10
+
+        responses = concurrently(servers, retries)
+
+        assert status_counts(responses) == {201: 10}, f"round {round_number}"
+        replayed = [response.headers.get("idempotent-replayed") for response in responses]
+        assert sorted(replayed, key=str) == [None] + ["true"] * 9
+        assert all(response.body == responses[0].body for response in responses)
+        details = servers[0].details(name)
+        assert (details["remaining_amount"], details["claimed_by"]) == (4, ["retrier"])
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def servers_and_environment(
+    request: pytest.FixtureRequest,
+) -> tuple[list[LiveServer], dict[str, str]]:
+    servers: list[LiveServer] = request.getfixturevalue(f"{request.param}_servers")
+    prefix = {"postgresql": "postgres", "sqlite": "sqlite"}[request.param]
+    environment: dict[str, str] = request.getfixturevalue(f"{prefix}_environment")
+    return servers, environment
+
+
+def test_revocations_racing_claims_keep_every_counter_true(
+    servers_and_environment: tuple[list[LiveServer], dict[str, str]],
+) -> None:
+    servers, environment = servers_and_environment
+    name = fresh_coupon(servers[0], 10)
+    users = [f"storm-{index}" for index in range(20)]
+    claims = [claim_request(user, name) for user in users] * 3
+    path = f"/api/coupons/{quote(name, safe='')}/claims"
+    revocations = [("DELETE", f"{path}/{user}", None) for user in users] * 2
+    storm: list[live.Request] = [*claims, *revocations]
+    random.Random(7).shuffle(storm)
+
+    responses = concurrently(servers, storm)
+
+    assert set(status_counts(responses)) <= {201, 204, 404, 409}, status_counts(responses)
+    assert set(live.error_codes(responses)) <= {
+        "already_claimed",
+        "out_of_stock",
+        "claim_not_found",
+    }
+    details = servers[0].details(name)
+    assert details["remaining_amount"] == 10 - len(details["claimed_by"]) >= 0
+    assert len(set(details["claimed_by"])) == len(details["claimed_by"])
+    audit = subprocess.run(
+        [sys.executable, "manage.py", "audit_coupons"],
+        cwd=live.PROJECT_DIR,
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert audit.returncode == 0, audit.stderr
+
+
+def test_claims_racing_the_edges_of_a_sale_window_are_made_only_inside_it(
+    all_servers: list[LiveServer],
+) -> None:
+    name = f"WINDOW_{uuid.uuid4().hex[:12]}"
+    starts = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=1)
+    ends = starts + datetime.timedelta(seconds=1)
+    created = all_servers[0].request(
+        "POST",
+        "/api/coupons",
+        {
+            "name": name,
+            "amount": 100_000,
+            "starts_at": starts.isoformat(),
+            "ends_at": ends.isoformat(),
+        },
+    )
+    assert created.status == 201, created
+    responses: list[Response] = []
+
+    def shopper(number: int) -> None:
+        server = all_servers[number % len(all_servers)]
+        for attempt in range(2_000):  # Bounded; the sale is over well before.
+            response = server.request(
+                "POST", "/api/coupons/claim", claim_body(number, attempt, name)
+            )
+            responses.append(response)
+            if response.status == 409 and response.body["error"]["code"] == "sale_ended":
+                return
+
+    shoppers = [threading.Thread(target=shopper, args=(number,)) for number in range(6)]
+    for thread in shoppers:
+        thread.start()
+    for thread in shoppers:
+        thread.join(timeout=60)
+
+    codes = live.error_codes(responses)
+    winners = [response.body for response in responses if response.status == 201]
+    assert codes["sale_not_started"] and codes["sale_ended"] and winners, codes
+    assert set(codes) == {"sale_not_started", "sale_ended"}
+    for claim in winners:
+        assert starts <= datetime.datetime.fromisoformat(claim["claimed_at"]) < ends, claim
+    details = all_servers[0].details(name)
+    assert sorted(details["claimed_by"]) == sorted(claim["user_id"] for claim in winners)
+    assert details["remaining_amount"] == 100_000 - len(winners)
+
+
+def claim_body(number: int, attempt: int, coupon_name: str) -> dict[str, str]:
+    return {"user_id": f"shopper-{number}-{attempt}", "coupon_name": coupon_name}

@@ -21,6 +21,7 @@ from coupons.errors import (
     AmountBelowClaimed,
     CouponExists,
     CouponNotFound,
+    IdempotencyKeyReused,
     OutOfStock,
 )
 from coupons.models import ClaimHistory, Coupon
@@ -117,7 +118,9 @@ def test_holder_checks_read_the_unique_index_even_on_a_young_table() -> None:
     claims = ClaimHistory._meta.db_table
     plans = []
     with connection.cursor() as cursor:
-        cursor.execute(f"CREATE TEMPORARY TABLE young (LIKE {claims} INCLUDING INDEXES)")
+        cursor.execute(
+            f"CREATE TEMPORARY TABLE young (LIKE {claims} INCLUDING DEFAULTS INCLUDING INDEXES)"
+        )
         cursor.execute(
             "INSERT INTO young (id, coupon_id, user_id, claimed_at)"
             " SELECT n, %s, 'u' || n, now() FROM generate_series(1, 20) n",
@@ -223,7 +226,9 @@ def row_is_locked(coupon_id: int) -> bool:
 
 
 @contextlib.contextmanager
-def unit_taken_while_the_claim_waits(coupon: Coupon, taker: str) -> Iterator[None]:
+def unit_taken_while_the_claim_waits(
+    coupon: Coupon, taker: str, idempotency_key: str = ""
+) -> Iterator[None]:
     """Another transaction takes a unit of the coupon for taker, holding its row lock, and
     commits once a claim's lock statement inside the block waits for that lock."""
     coupon_table, claim_table = Coupon._meta.db_table, ClaimHistory._meta.db_table
@@ -231,8 +236,9 @@ def unit_taken_while_the_claim_waits(coupon: Coupon, taker: str) -> Iterator[Non
     with psycopg.connect(**connection.get_connection_params()) as other:
         other.execute(f"SELECT 1 FROM {coupon_table} WHERE id = %s FOR UPDATE", [coupon.pk])
         other.execute(
-            f"INSERT INTO {claim_table} (coupon_id, user_id, claimed_at) VALUES (%s, %s, now())",
-            [coupon.pk, taker],
+            f"INSERT INTO {claim_table} (coupon_id, user_id, idempotency_key, claimed_at)"
+            " VALUES (%s, %s, %s, now())",
+            [coupon.pk, taker, idempotency_key],
         )
         other.execute(
             f"UPDATE {coupon_table} SET remaining_amount = remaining_amount - 1,"
@@ -406,6 +412,33 @@ class TestClaimTransaction:
             services.claim_coupon(coupon_name="PROMO", user_id="u")
         coupon.refresh_from_db()
         assert (coupon.remaining_amount, claimants(coupon)) == (3, ["first", "u"])
+
+    @pytest.mark.parametrize("stock", [5, 2], ids=["stock-left", "last-unit"])
+    def test_a_retry_whose_first_request_committed_while_it_waited_gets_that_claim(
+        self, stock: int
+    ) -> None:
+        coupon = services.create_coupon(name="PROMO", amount=stock)
+        services.claim_coupon(coupon_name="PROMO", user_id="first")
+        with unit_taken_while_the_claim_waits(coupon, taker="u", idempotency_key="order-1"):
+            claim = services.claim_coupon_idempotently(
+                coupon_name="PROMO", user_id="u", idempotency_key="order-1"
+            )
+        assert claim.replayed and claim.user_id == "u"
+        coupon.refresh_from_db()
+        assert (coupon.remaining_amount, claimants(coupon)) == (stock - 2, ["first", "u"])
+
+    def test_a_key_taken_by_another_user_while_the_lock_was_awaited_is_refused(self) -> None:
+        coupon = services.create_coupon(name="PROMO", amount=5)
+        services.claim_coupon(coupon_name="PROMO", user_id="first")
+        with (
+            unit_taken_while_the_claim_waits(coupon, taker="v", idempotency_key="order-1"),
+            pytest.raises(IdempotencyKeyReused),
+        ):
+            services.claim_coupon_idempotently(
+                coupon_name="PROMO", user_id="u", idempotency_key="order-1"
+            )
+        coupon.refresh_from_db()
+        assert (coupon.remaining_amount, claimants(coupon)) == (3, ["first", "v"])
 
     def test_a_coupon_sold_out_while_the_lock_was_awaited_is_remembered_as_it_stands(
         self,
@@ -750,7 +783,7 @@ class TestSoldOutMemory:
         with transaction.atomic():
             services.change_coupon_amount(coupon_id=sold_out.pk, amount=2)
             with pytest.raises(OutOfStock):  # Not committed: still sold out.
-                services.sold_out_memory.answer("PROMO", "late")
+                services.sold_out_memory.answer("PROMO", "late", timezone.now())
 
         services.claim_coupon(coupon_name="PROMO", user_id="late")
 

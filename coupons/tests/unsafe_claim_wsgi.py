@@ -11,7 +11,9 @@ from coupons.errors import CouponNotFound, OutOfStock
 from coupons.models import ClaimHistory, Coupon
 
 
-def claim_without_lock(*, coupon_name: str, user_id: str) -> ClaimHistory:
+def claim_without_lock(
+    *, coupon_name: str, user_id: str, idempotency_key: str = ""
+) -> ClaimHistory:
     """Read the stock, then write it back: the classic lost update."""
     coupon = Coupon.objects.filter(name=coupon_name).first()
     if coupon is None:

@@ -24,7 +24,8 @@ class Entry:
 
 
 def read_coupon_file(path: Path) -> list[Entry]:
-    """Read coupons from a JSON list of {"name", "amount"} or a CSV with those columns."""
+    """Read coupons from a JSON list of {"name", "amount"[, "starts_at", "ends_at"]} or a CSV
+    with those columns."""
     try:
         # utf-8-sig: spreadsheets save CSV with a byte-order mark, which is not a character
         # of the first column's name.
@@ -34,13 +35,7 @@ def read_coupon_file(path: Path) -> list[Entry]:
     if path.suffix.lower() == ".csv":
         rows = csv.DictReader(io.StringIO(text, newline=""), restkey="cells beyond the header")
         # line_num counts the file's lines read so far, so a quoted cell may span several.
-        return [
-            Entry(
-                f"{path.name} line {rows.line_num}",
-                {**row, "amount": _csv_integer(row.get("amount"))},
-            )
-            for row in rows
-        ]
+        return [Entry(f"{path.name} line {rows.line_num}", _csv_fields(row)) for row in rows]
     try:
         entries = json.loads(text)
     except json.JSONDecodeError as error:
@@ -50,10 +45,18 @@ def read_coupon_file(path: Path) -> list[Entry]:
     return [Entry(f"{path.name} item {number}", fields) for number, fields in enumerate(entries, 1)]
 
 
-def _csv_integer(cell: str | None) -> int | str | None:
-    # CSV has no types: a cell of digits is the integer it spells; anything else stays
-    # text and is refused by the same validation as the API.
-    return int(cell) if cell and _is_decimal_number(cell.strip()) else cell
+def _csv_fields(row: dict[str, Any]) -> dict[str, Any]:
+    """A CSV row as the API's JSON would give it. CSV has no types: a cell of digits is the
+    amount it spells (anything else stays text, refused by the same validation as the
+    API), and an empty window cell means no bound."""
+    fields = {key: cell for key, cell in row.items() if not (key in WINDOW and cell == "")}
+    amount = row.get("amount")
+    if isinstance(amount, str) and _is_decimal_number(amount.strip()):
+        fields["amount"] = int(amount)
+    return fields
+
+
+WINDOW = ("starts_at", "ends_at")
 
 
 def _is_decimal_number(text: str) -> bool:
@@ -91,8 +94,9 @@ class Command(BaseCommand):
         parser.epilog = (
             "examples:\n"
             "  manage.py seed_coupons PROMO_SUPER:100 'TIME:10:30:5'\n"
-            "  manage.py seed_coupons --file coupons.csv     # header: name,amount\n"
-            '  manage.py seed_coupons --file coupons.json    # [{"name": "A", "amount": 5}]'
+            "  manage.py seed_coupons BLACK_FRIDAY:500 --starts-at 2030-11-29T09:00:00Z\n"
+            "  manage.py seed_coupons --file coupons.csv   # name,amount[,starts_at,ends_at]\n"
+            '  manage.py seed_coupons --file coupons.json  # [{"name": "A", "amount": 5}]'
         )
         return parser
 
@@ -107,17 +111,32 @@ class Command(BaseCommand):
             "--file",
             type=Path,
             help='A .json file (a list of {"name": ..., "amount": ...}) or a .csv file '
-            "with a header row name,amount (UTF-8, with or without a byte-order mark).",
+            "with a header row name,amount (UTF-8, with or without a byte-order mark); "
+            "optional starts_at and ends_at fields or columns give each coupon's sale window.",
+        )
+        parser.add_argument(
+            "--starts-at",
+            metavar="TIME",
+            help="When claims of the NAME:AMOUNT coupons open: ISO 8601 with a time zone, "
+            "e.g. 2030-11-27T09:00:00+01:00. Default: at once.",
+        )
+        parser.add_argument(
+            "--ends-at",
+            metavar="TIME",
+            help="When their claims close, likewise. Default: never.",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
         verbosity: int = options["verbosity"]
         entries, problems = [], []
+        window = {key: options[key] for key in WINDOW if options[key] is not None}
         for number, argument in enumerate(options["coupons"], start=1):
             try:
-                entries.append(Entry(f"argument {number}", parse_coupon_argument(argument)))
+                coupon = parse_coupon_argument(argument)
             except CommandError as malformed:
                 problems.append(f"argument {number}: {malformed}")
+            else:
+                entries.append(Entry(f"argument {number}", {**coupon, **window}))
         if options["file"]:
             from_file = read_coupon_file(options["file"])
             if not from_file:
