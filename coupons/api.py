@@ -63,7 +63,7 @@ class BoundedJSONParser(JSONParser):
 class NewestFirst(CursorPagination):
     """Coupons, newest first, a page at a time."""
 
-    ordering = "-created_at"
+    ordering = ("-created_at", "-id")
     page_size = 100
     page_size_query_param = "page_size"
     max_page_size = 1000
@@ -174,11 +174,13 @@ class CouponClaimViewSet(
     serializer_class = ClaimSerializer
     pagination_class = InClaimOrder
     lookup_field = "user_id"
-    # A user id may hold "/", percent-encoded in the path; a trailing "/" is not part of it.
-    lookup_value_regex = ".+?"
+    # A user id may hold "/", percent-encoded in the path: the id runs to the path's end,
+    # a trailing "/" included (this route tolerates none of its own).
+    lookup_value_regex = ".+"
 
     def get_queryset(self) -> "QuerySet[ClaimHistory]":
-        return coupon_named(self.kwargs["name"]).claims.select_related("coupon")
+        claims = ClaimHistory.objects.filter(coupon=coupon_named(self.kwargs["name"]))
+        return claims.in_claim_order().select_related("coupon")
 
     def get_object(self) -> ClaimHistory:
         return claim_of(coupon_named(self.kwargs["name"]), self.kwargs["user_id"])

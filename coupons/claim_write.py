@@ -26,14 +26,16 @@ if TYPE_CHECKING:
     from coupons.models import ClaimHistory, Coupon
 
 
-class ClaimQuerySet(models.QuerySet["ClaimHistory"]):
+class OneStatementClaimWrite(models.QuerySet["ClaimHistory"]):
+    """ClaimHistory's queryset gets take_unit() from here (models.ClaimQuerySet)."""
+
     def take_unit(
         self,
         *,
         coupon: "Coupon",
         user_id: str,
         claimed_at: datetime.datetime,
-        idempotency_key: str = "",
+        idempotency_key: str | None = None,
     ) -> "ClaimHistory":
         """Record the user's claim, made at claimed_at, and take its unit from the stock.
 

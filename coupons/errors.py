@@ -126,9 +126,7 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
 
     set_rollback()
     if isinstance(exc, exceptions.ValidationError):
-        body = error_body(
-            "invalid", "The request body is not valid.", fields=_field_errors(exc.detail)
-        )
+        body = error_body("invalid", "The request is not valid.", fields=_field_errors(exc.detail))
     else:
         code = _API_EXCEPTION_CODES.get(type(exc), str(exc.default_code))
         body = error_body(code, str(exc.detail))

@@ -8,11 +8,12 @@ import datetime
 from typing import Any
 
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
-from django.db import models
-from django.db.models import Exists, F, OuterRef, Q
+from django.db import connections, models
+from django.db.models import BooleanField, Exists, F, OuterRef, Q
+from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
-from coupons.claim_write import ClaimQuerySet
+from coupons.claim_write import OneStatementClaimWrite
 from coupons.errors import AmountBelowClaimed, SaleEnded, SaleNotStarted
 
 MAX_AMOUNT = 2_147_483_647
@@ -166,6 +167,19 @@ class Coupon(models.Model):
             )
 
 
+class ClaimQuerySet(OneStatementClaimWrite):
+    def in_claim_order(self) -> "ClaimQuerySet":
+        """The claims in the order they were made, read through claim_coupon_order_idx.
+
+        That index is partial on "id > 0", true of every claim (see ClaimHistory.Meta), and
+        serves only a query that states the condition as written: the ORM would send the 0
+        as a parameter, which a prepared statement's generic plan cannot match to it.
+        """
+        table = connections[self.db].ops.quote_name(self.model._meta.db_table)
+        every_claim = RawSQL(f"{table}.id > 0", [], output_field=BooleanField())
+        return self.filter(every_claim).order_by("id")
+
+
 # The unique constraints' names, as the database reports a violation of them.
 ONE_CLAIM_PER_USER = "claim_one_per_user"
 ONE_CLAIM_PER_IDEMPOTENCY_KEY = "claim_one_per_idempotency_key"
@@ -184,10 +198,12 @@ class ClaimHistory(models.Model):
     user_id = NameField(validators=[no_control_characters])
     # Given by the claim: the instant its sale window was checked against, under the lock.
     claimed_at = models.DateTimeField(default=timezone.now)
-    # The claim request's Idempotency-Key, empty if it had none: a retry with the same key
-    # is answered with this claim.
-    idempotency_key = models.CharField(
-        max_length=255, blank=True, default="", db_default="", validators=[visible_ascii]
+    # The claim request's Idempotency-Key: a retry with the same key is answered with this
+    # claim. NULL, not "", when the request had none: a unique index leaves NULLs out of its
+    # uniqueness, so no partial index (which a prepared statement's generic plan could not
+    # use for `idempotency_key = $1`) is needed.
+    idempotency_key = models.CharField(  # noqa: DJ001
+        max_length=255, null=True, blank=True, validators=[visible_ascii]
     )
 
     objects = ClaimQuerySet.as_manager()
@@ -203,11 +219,7 @@ class ClaimHistory(models.Model):
             models.UniqueConstraint(fields=["coupon", "user_id"], name=ONE_CLAIM_PER_USER),
             # A key names one claim request, whatever the coupon: a retry finds its claim by
             # the key alone, and a key reused for another coupon or user is refused.
-            models.UniqueConstraint(
-                fields=["idempotency_key"],
-                condition=~Q(idempotency_key=""),
-                name=ONE_CLAIM_PER_IDEMPOTENCY_KEY,
-            ),
+            models.UniqueConstraint(fields=["idempotency_key"], name=ONE_CLAIM_PER_IDEMPOTENCY_KEY),
         ]
         indexes = [
             # The claimed_by listing, in claim order. Partial on "id > 0", which every row

@@ -9,11 +9,12 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from coupons.errors import (
     AlreadyClaimed,
+    CouponError,
     CouponExists,
     CouponNotFound,
     IdempotencyKeyReused,
@@ -74,13 +75,15 @@ def forget_coupon(name: str) -> None:
     on_sale_memory.discard(name)
 
 
-def claim_coupon(*, coupon_name: str, user_id: str, idempotency_key: str = "") -> ClaimHistory:
+def claim_coupon(
+    *, coupon_name: str, user_id: str, idempotency_key: str | None = None
+) -> ClaimHistory:
     """Give one unit of a coupon to a user, or raise why not.
 
     The checks come in the contract's order: CouponNotFound, then SaleNotStarted or
     SaleEnded, then AlreadyClaimed, then OutOfStock. The idempotency_key, if any, is
-    recorded with the claim; a claim with the same key already made is refused as
-    AlreadyClaimed (claim_coupon_idempotently answers it instead).
+    recorded with the claim; the unique index on keys refuses a second claim with it
+    (AlreadyClaimed), which claim_coupon_idempotently then answers.
 
     Takes and releases the coupon row's lock; call it outside any transaction
     (durable=True refuses a caller's atomic block, but cannot see a transaction opened by
@@ -133,7 +136,7 @@ def claim_coupon(*, coupon_name: str, user_id: str, idempotency_key: str = "") -
         # A claim by this user, or with this key, committed after the lock statement's
         # snapshot (another request, which held the lock while this one waited), and a
         # unique index refused this one; the transaction is rolled back.
-        if _refused_as_a_repeat(error):
+        if _refused_as_a_repeat(error, coupon_id, user_id, idempotency_key):
             raise AlreadyClaimed() from None
         raise
     return claim
@@ -146,10 +149,13 @@ def claim_coupon_idempotently(
 
     A claim already made with the key by this user on this coupon is answered again, its
     `replayed` set, without taking stock, whatever the coupon's stock or window now; the
-    key used by another user or on another coupon raises IdempotencyKeyReused.
+    key used by another user or on another coupon raises IdempotencyKeyReused. The key is
+    looked up before the claim and again after any refusal, so a retry racing its own first
+    try gets that try's claim: no lookup is added inside the lock.
     """
     if idempotency_key is None:
         return claim_coupon(coupon_name=coupon_name, user_id=user_id)
+    # A retry whose claim was made is answered at once, without queueing for the lock.
     earlier = _claim_made_with(idempotency_key, coupon_name, user_id)
     if earlier is not None:
         return earlier
@@ -157,8 +163,9 @@ def claim_coupon_idempotently(
         return claim_coupon(
             coupon_name=coupon_name, user_id=user_id, idempotency_key=idempotency_key
         )
-    except AlreadyClaimed:
-        # Made meanwhile, perhaps by this request's first try, still in flight.
+    except CouponError:
+        # Refused before the lock (from memory, or by the lock-free look), or by a unique
+        # index, while this request's first try was committing its claim.
         earlier = _claim_made_with(idempotency_key, coupon_name, user_id)
         if earlier is not None:
             return earlier
@@ -199,17 +206,28 @@ def _claim_made_with(idempotency_key: str, coupon_name: str, user_id: str) -> Cl
     return earlier
 
 
-def _refused_as_a_repeat(error: IntegrityError) -> bool:
-    """Whether a claim's unique constraint refused the write, as PostgreSQL names it: one
-    claim per user and coupon, one claim per idempotency key.
+def _refused_as_a_repeat(
+    error: IntegrityError, coupon_id: int, user_id: str, idempotency_key: str | None
+) -> bool:
+    """Whether a claim's unique constraint refused the write: one claim per user and
+    coupon, one claim per idempotency key.
 
-    The name stays the answer should the claim that held the coupon be revoked before this
-    request is answered. (On SQLite no such refusal happens: its write lock, taken as the
-    claim's transaction begins, shows the lock statement every committed claim.)
+    PostgreSQL names the constraint, which stays the answer should the claim that held the
+    coupon or the key be revoked before this request is answered. SQLite names none: the
+    claim the constraint protects is looked for instead. (There, its write lock shows every
+    committed claim to the lock's read, so only a key already used by another user or on
+    another coupon gets this far.)
     """
     diagnostic = getattr(error.__cause__, "diag", None)
-    constraint = getattr(diagnostic, "constraint_name", None)
-    return constraint in {ONE_CLAIM_PER_USER, ONE_CLAIM_PER_IDEMPOTENCY_KEY}
+    if getattr(diagnostic, "constraint_name", None) in {
+        ONE_CLAIM_PER_USER,
+        ONE_CLAIM_PER_IDEMPOTENCY_KEY,
+    }:
+        return True
+    protected = Q(coupon_id=coupon_id, user_id=user_id)
+    if idempotency_key is not None:
+        protected |= Q(idempotency_key=idempotency_key)
+    return ClaimHistory.objects.filter(protected).exists()
 
 
 def change_coupon_amount(*, coupon_id: int, amount: int) -> Coupon:

@@ -6,7 +6,7 @@ import pytest
 from django.test import Client
 
 from coupons import services
-from coupons.errors import SaleEnded
+from coupons.errors import OutOfStock, SaleEnded
 from coupons.models import ClaimHistory, Coupon
 
 pytestmark = pytest.mark.django_db
@@ -100,9 +100,13 @@ def test_a_window_that_ends_before_it_starts_is_refused_in_the_admin(
     assert (sold_out_coupon.starts_at, sold_out_coupon.ends_at) == (None, None)
 
 
+@pytest.mark.django_db(transaction=True)  # The memory forgets as the change commits.
 def test_changing_the_window_in_the_admin_goes_through_the_service(
     admin_client: Client, sold_out_coupon: Coupon
 ) -> None:
+    with pytest.raises(OutOfStock):  # Remembered sold out, with no window.
+        services.claim_coupon(coupon_name="SOLD", user_id="early")
+
     response = admin_client.post(
         f"/admin/coupons/coupon/{sold_out_coupon.pk}/change/",
         {"amount": "3", **window("2020-01-01 00:00:00", "2020-01-02 00:00:00")},
@@ -112,6 +116,7 @@ def test_changing_the_window_in_the_admin_goes_through_the_service(
     sold_out_coupon.refresh_from_db()
     assert (sold_out_coupon.amount, sold_out_coupon.remaining_amount) == (3, 1)
     assert sold_out_coupon.ends_at is not None and sold_out_coupon.ends_at.year == 2020
+    # The service made this process forget the coupon: its new window answers.
     with pytest.raises(SaleEnded):
         services.claim_coupon(coupon_name="SOLD", user_id="late")
 

@@ -7,6 +7,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from django.db import connection
 from rest_framework.test import APIClient
 
 from coupons import services
@@ -318,6 +319,19 @@ def test_a_users_claim_is_looked_up(api_client: APIClient) -> None:
     assert set(made) == {"coupon_name", "user_id", "claimed_at"}
 
 
+def test_a_user_id_ending_in_a_slash_is_its_own_user(api_client: APIClient) -> None:
+    services.create_coupon(name="PROMO", amount=5)
+    claim(api_client, "bob")
+    claim(api_client, "bob/")
+
+    looked_up = api_client.get("/api/coupons/PROMO/claims/bob%2F")
+    revoked = api_client.delete("/api/coupons/PROMO/claims/bob%2F")
+
+    assert looked_up.json()["user_id"] == "bob/"
+    assert revoked.status_code == 204
+    assert list(ClaimHistory.objects.values_list("user_id", flat=True)) == ["bob"]
+
+
 @pytest.mark.parametrize(
     ("path", "code"),
     [
@@ -366,3 +380,25 @@ def test_revoking_a_claim_returns_its_unit_and_frees_the_user(api_client: APICli
     assert (again.status_code, error_code(again)) == (404, "claim_not_found")
     assert api_client.get("/api/coupons/PROMO").json()["remaining_amount"] == 1
     assert claim(api_client, "u").status_code == 201
+
+
+def test_the_claims_listing_reads_the_claim_order_index_even_in_a_generic_plan() -> None:
+    # A statement psycopg prepares may run on PostgreSQL's generic plan, which knows no
+    # parameter's value: only "id > 0" written in the SQL lets it use the partial index.
+    coupon = services.create_coupon(name="PROMO", amount=5)
+    listing = ClaimHistory.objects.filter(coupon=coupon).in_claim_order()
+    sql, params = listing.query.sql_with_params()
+    numbered = sql
+    for number in range(1, len(params) + 1):
+        numbered = numbered.replace("%s", f"${number}", 1)
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        cursor.execute(f"PREPARE listing AS {numbered}")
+        # EXECUTE takes no bound parameter; the only one here is the coupon's id.
+        arguments = ", ".join(str(int(value)) for value in params)
+        cursor.execute(f"EXPLAIN EXECUTE listing({arguments})")
+        plan = "\n".join(line for (line,) in cursor.fetchall())
+        cursor.execute("DEALLOCATE listing")
+
+    assert "claim_coupon_order_idx" in plan, plan

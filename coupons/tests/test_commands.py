@@ -188,3 +188,66 @@ def test_audit_fails_and_names_a_coupon_whose_name_the_rules_refuse(
     with pytest.raises(CommandError, match="0 of 2 coupons break .*; 1 have a name"):
         call_command("audit_coupons")
     assert "NAME '   ': Must contain a character other than whitespace." in capsys.readouterr().err
+
+
+def windows() -> dict[str, tuple[str | None, str | None]]:
+    return {
+        c.name: (
+            c.starts_at.isoformat() if c.starts_at else None,
+            c.ends_at.isoformat() if c.ends_at else None,
+        )
+        for c in Coupon.objects.all()
+    }
+
+
+def test_seed_gives_argument_coupons_a_sale_window() -> None:
+    call_command("seed_coupons", "A:1", "B:2", starts_at="2030-01-01T09:00:00+01:00", ends_at=None)
+
+    nine_in_paris = ("2030-01-01T08:00:00+00:00", None)
+    assert windows() == {"A": nine_in_paris, "B": nine_in_paris}
+
+
+def test_seed_reads_sale_windows_from_csv_and_json(tmp_path: Path) -> None:
+    csv_path = tmp_path / "coupons.csv"
+    csv_path.write_text(
+        "name,amount,starts_at,ends_at\nOPEN,1,,\nTIMED,1,2030-01-01T10:00:00Z,2030-01-02T10:00:00Z\n"
+    )
+    json_path = tmp_path / "coupons.json"
+    json_path.write_text(
+        json.dumps([{"name": "LATER", "amount": 1, "ends_at": "2031-05-01T00:00:00Z"}])
+    )
+
+    call_command("seed_coupons", "--file", str(csv_path))
+    call_command("seed_coupons", "--file", str(json_path))
+
+    assert windows() == {
+        "OPEN": (None, None),
+        "TIMED": ("2030-01-01T10:00:00+00:00", "2030-01-02T10:00:00+00:00"),
+        "LATER": (None, "2031-05-01T00:00:00+00:00"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("cells", "message"),
+    [
+        ("2030-01-01T10:00:00,", "starts_at: Must include a time zone"),
+        ("2030-01-02T10:00:00Z,2030-01-01T10:00:00Z", "ends_at: ends_at must be after starts_at."),
+        ("soon,", "starts_at: Datetime has wrong format."),
+    ],
+    ids=["no-time-zone", "backwards", "not-a-time"],
+)
+def test_seed_refuses_a_window_the_api_refuses(tmp_path: Path, cells: str, message: str) -> None:
+    path = tmp_path / "coupons.csv"
+    path.write_text(f"name,amount,starts_at,ends_at\nTIMED,1,{cells}\n")
+
+    with pytest.raises(CommandError, match=message):
+        call_command("seed_coupons", "--file", str(path))
+    assert not Coupon.objects.exists()
+
+
+def test_seed_refuses_argument_windows_beside_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "coupons.csv"
+    path.write_text("name,amount\nA,1\n")
+
+    with pytest.raises(CommandError, match="apply to NAME:AMOUNT arguments"):
+        call_command("seed_coupons", "--file", str(path), starts_at="2030-01-01T00:00:00Z")

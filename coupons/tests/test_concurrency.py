@@ -173,6 +173,18 @@ def test_concurrent_retries_of_one_claim_take_one_unit(servers: list[LiveServer]
         assert (details["remaining_amount"], details["claimed_by"]) == (4, ["retrier"])
 
 
+def test_one_key_sent_by_many_users_at_once_claims_for_one(servers: list[LiveServer]) -> None:
+    for round_number in range(ROUNDS // 4):
+        name = fresh_coupon(servers[0], 5)
+        key = f"shared-{name}"
+        responses = concurrently(servers, [claim_request(f"u{n}", name, key) for n in range(10)])
+
+        assert status_counts(responses) == {201: 1, 422: 9}, f"round {round_number}"
+        assert live.error_codes(responses) == {"idempotency_key_reused": 9}
+        winner = next(response.body["user_id"] for response in responses if response.status == 201)
+        assert servers[0].details(name)["claimed_by"] == [winner]
+
+
 @pytest.fixture(params=["postgresql", "sqlite"])
 def servers_and_environment(
     request: pytest.FixtureRequest,

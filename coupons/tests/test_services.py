@@ -227,7 +227,7 @@ def row_is_locked(coupon_id: int) -> bool:
 
 @contextlib.contextmanager
 def unit_taken_while_the_claim_waits(
-    coupon: Coupon, taker: str, idempotency_key: str = ""
+    coupon: Coupon, taker: str, idempotency_key: str | None = None, *, end_the_sale: bool = False
 ) -> Iterator[None]:
     """Another transaction takes a unit of the coupon for taker, holding its row lock, and
     commits once a claim's lock statement inside the block waits for that lock."""
@@ -245,6 +245,11 @@ def unit_taken_while_the_claim_waits(
             " updated_at = now() WHERE id = %s",
             [coupon.pk],
         )
+        if end_the_sale:
+            other.execute(
+                f"UPDATE {coupon_table} SET ends_at = now() - interval '1 second' WHERE id = %s",
+                [coupon.pk],
+            )
 
         def commit_once_the_claim_waits() -> None:
             waited.append(a_claim_waits_for_a_lock())
@@ -426,6 +431,23 @@ class TestClaimTransaction:
         assert claim.replayed and claim.user_id == "u"
         coupon.refresh_from_db()
         assert (coupon.remaining_amount, claimants(coupon)) == (stock - 2, ["first", "u"])
+
+    def test_a_retry_queued_behind_its_first_try_gets_the_claim_though_the_sale_ended(
+        self,
+    ) -> None:
+        # The first try commits its claim, and the sale closes, while the retry waits for
+        # the lock: the key is checked under the lock before the window.
+        coupon = services.create_coupon(name="PROMO", amount=5)
+        services.claim_coupon(coupon_name="PROMO", user_id="first")
+        with unit_taken_while_the_claim_waits(
+            coupon, taker="u", idempotency_key="order-1", end_the_sale=True
+        ):
+            claim = services.claim_coupon_idempotently(
+                coupon_name="PROMO", user_id="u", idempotency_key="order-1"
+            )
+        assert claim.replayed and claim.user_id == "u"
+        coupon.refresh_from_db()
+        assert (coupon.remaining_amount, claimants(coupon)) == (3, ["first", "u"])
 
     def test_a_key_taken_by_another_user_while_the_lock_was_awaited_is_refused(self) -> None:
         coupon = services.create_coupon(name="PROMO", amount=5)

@@ -12,7 +12,7 @@ from coupons.models import ClaimHistory, Coupon
 
 
 def claim_without_lock(
-    *, coupon_name: str, user_id: str, idempotency_key: str = ""
+    *, coupon_name: str, user_id: str, idempotency_key: str | None = None
 ) -> ClaimHistory:
     """Read the stock, then write it back: the classic lost update."""
     coupon = Coupon.objects.filter(name=coupon_name).first()

@@ -130,6 +130,11 @@ class Command(BaseCommand):
         verbosity: int = options["verbosity"]
         entries, problems = [], []
         window = {key: options[key] for key in WINDOW if options[key] is not None}
+        if window and options["file"]:
+            raise CommandError(
+                "--starts-at and --ends-at apply to NAME:AMOUNT arguments; give the coupons "
+                "of a file their windows in its starts_at and ends_at columns or fields."
+            )
         for number, argument in enumerate(options["coupons"], start=1):
             try:
                 coupon = parse_coupon_argument(argument)
