@@ -159,6 +159,14 @@ class Coupon(models.Model):
         """Raise SaleNotStarted or SaleEnded if claims are not taken at `now`."""
         check_sale_window(self.starts_at, self.ends_at, now)
 
+    def is_on_sale(self, now: datetime.datetime) -> bool:
+        """Whether claims are taken at `now`: inside the sale window, with stock left."""
+        try:
+            self.check_sale_window(now)
+        except (SaleNotStarted, SaleEnded):
+            return False
+        return not self.is_sold_out
+
     def check_new_amount(self, amount: int) -> None:
         """Raise AmountBelowClaimed if the stock cannot become `amount`: claims are kept."""
         if amount < self.claimed_count:

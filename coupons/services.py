@@ -125,7 +125,9 @@ def claim_coupon(
             coupon_name=coupon_name, user_id=user_id, idempotency_key=idempotency_key
         )
     except (SaleNotStarted, SaleEnded):
-        on_sale_memory.discard(coupon_name)  # Claims go back to the look, without the lock.
+        # Raised only on what the lock read: `coupon` is that row, as it stands.
+        on_sale_memory.discard(coupon_name)
+        sold_out_memory.remember(coupon)
         raise
     except OutOfStock:
         # Raised only on what the lock read: `coupon` is that row, as it stands.
@@ -182,9 +184,10 @@ def _look_before_queueing(coupon_name: str, user_id: str) -> int:
     coupon = Coupon.objects.with_holder(user_id).filter(name=coupon_name).first()
     if coupon is None:
         raise CouponNotFound()
-    if coupon.is_sold_out:
+    now = timezone.now()
+    if not coupon.is_on_sale(now):
         sold_out_memory.remember(coupon)
-    coupon.check_sale_window(timezone.now())
+    coupon.check_sale_window(now)
     if coupon.held:
         raise AlreadyClaimed()
     if coupon.is_sold_out:
@@ -297,29 +300,32 @@ def _drop_oldest(entries: OrderedDict[str, Any]) -> None:
 
 
 @dataclass(frozen=True)
-class SoldOutCoupon:
-    """A sold-out coupon as this process last saw it, with everyone who holds it."""
+class RememberedCoupon:
+    """A coupon refusing claims as this process last saw it: its sale window, and if it was
+    sold out, everyone who holds it."""
 
     coupon_id: int
     version: object
     starts_at: datetime.datetime | None
     ends_at: datetime.datetime | None
+    sold_out: bool
     claimants: frozenset[str]
     seen_at: float
 
 
 class SoldOutMemory:
-    """Answers claims on sold-out coupons from process memory, without the database.
+    """Answers claims on coupons that refuse them, from process memory, without the database.
 
-    Most requests of a flash sale arrive after the stock is gone. A sold-out coupon stays
-    sold out until an operator raises its amount or revokes a claim, and either change
-    moves its `updated_at`; so an entry is trusted for `SOLD_OUT_MEMORY_SECONDS`, then
-    checked against the row again (one indexed read) and reloaded only if it changed.
-    Such an answer is at most that old; it never lets a claim through, so it cannot
-    oversell or double dip. It answers in the contract's order: the coupon's sale window
-    first, then its holders, then its stock. Changes made in this process (more stock, a
-    revoked claim, a new window, the coupon deleted or made again) forget the entry as
-    they commit.
+    Most requests of a flash sale arrive after the stock is gone, and many before the sale
+    opens. A coupon sold out or outside its sale window stays so until an operator changes
+    its amount or window or revokes a claim, and each change moves its `updated_at`; so an
+    entry is trusted for `SOLD_OUT_MEMORY_SECONDS`, then checked against the row again (one
+    indexed read) and reloaded only if it changed. Such an answer is at most that old; it
+    never lets a claim through, so it cannot oversell or double dip. It answers in the
+    contract's order: the sale window first (against the time of the claim, so a sale that
+    opens is not refused from memory), then the holders, then the stock. Changes made in
+    this process (more stock, a revoked claim, a new window, the coupon deleted or made
+    again) forget the entry as they commit.
     """
 
     max_coupons = 256
@@ -327,21 +333,24 @@ class SoldOutMemory:
     max_claimants = 100_000
 
     def __init__(self) -> None:
-        self._coupons: OrderedDict[str, SoldOutCoupon] = OrderedDict()
+        self._coupons: OrderedDict[str, RememberedCoupon] = OrderedDict()
 
     def answer(self, coupon_name: str, user_id: str, now: datetime.datetime) -> None:
-        """Raise the refusal a claim at `now` gets if the coupon is known to be sold out."""
+        """Raise the refusal a claim at `now` gets, if this process knows it."""
         entry = self._coupons.get(coupon_name)
         if entry and time.monotonic() - entry.seen_at < settings.SOLD_OUT_MEMORY_SECONDS:
             check_sale_window(entry.starts_at, entry.ends_at, now)
-            raise AlreadyClaimed() if user_id in entry.claimants else OutOfStock()
+            if entry.sold_out:
+                raise AlreadyClaimed() if user_id in entry.claimants else OutOfStock()
 
     def remember(self, coupon: Coupon) -> None:
-        """Note that the coupon was seen sold out, as it was then (its `updated_at`)."""
+        """Note the coupon, seen refusing claims, as it was then (its `updated_at`)."""
         if settings.SOLD_OUT_MEMORY_SECONDS <= 0:
             return
         entry = self._coupons.get(coupon.name)
-        if entry and (entry.coupon_id, entry.version) == (coupon.pk, coupon.updated_at):
+        if not coupon.is_sold_out:
+            claimants: frozenset[str] = frozenset()
+        elif entry and (entry.coupon_id, entry.version) == (coupon.pk, coupon.updated_at):
             claimants = entry.claimants  # Unchanged since it was loaded.
         else:
             holders = ClaimHistory.objects.filter(coupon_id=coupon.pk).values_list("user_id")
@@ -350,11 +359,12 @@ class SoldOutMemory:
             claimants = frozenset(user_id for (user_id,) in holders)
         if coupon.name not in self._coupons and len(self._coupons) >= self.max_coupons:
             _drop_oldest(self._coupons)
-        self._coupons[coupon.name] = SoldOutCoupon(
+        self._coupons[coupon.name] = RememberedCoupon(
             coupon.pk,
             coupon.updated_at,
             coupon.starts_at,
             coupon.ends_at,
+            coupon.is_sold_out,
             claimants,
             time.monotonic(),
         )

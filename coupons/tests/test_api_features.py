@@ -149,6 +149,20 @@ def test_the_sold_out_memory_answers_the_window_first(
         assert error_code(claim(api_client, "other")) == "sale_ended"
 
 
+def test_claims_before_the_sale_are_answered_from_memory_until_it_opens(
+    api_client: APIClient, monkeypatch: pytest.MonkeyPatch, django_assert_num_queries: Any
+) -> None:
+    timed_coupon(starts=datetime.timedelta(hours=1), ends=None)
+    assert error_code(claim(api_client, "first")) == "sale_not_started"  # Now remembered.
+
+    with django_assert_num_queries(0):
+        assert error_code(claim(api_client, "eager")) == "sale_not_started"
+    opened = NOW + datetime.timedelta(hours=2)
+    monkeypatch.setattr("coupons.services.timezone.now", lambda: opened)
+
+    assert claim(api_client, "on-time").status_code == 201
+
+
 # Retry-safe claims
 
 
