@@ -151,9 +151,10 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
 
-# How long a worker answers claims on a sold-out coupon from memory before checking the
-# database again: an operator's raise of stock or revocation reaches every worker within
-# this time (at once in the worker that made it). 0 turns the memory off.
+# How long a worker answers claims on a coupon sold out or outside its sale window from
+# memory before checking the database again: an operator's change of stock or window, or a
+# revocation, reaches every worker within this time (at once in the worker that made it).
+# 0 turns the memory off.
 SOLD_OUT_MEMORY_SECONDS = float(os.environ.get("SOLD_OUT_MEMORY_SECONDS") or 1.0)
 
 # Request bodies of the API are a few hundred bytes; anything much larger is refused with 413.
