@@ -48,6 +48,13 @@ def sqlite_servers(sqlite_environment: dict[str, str]) -> Iterator[list[live.Liv
         yield [first, second]
 
 
+@pytest.fixture(params=["postgresql", "sqlite"])
+def all_servers(request: pytest.FixtureRequest) -> list[live.LiveServer]:
+    """The two app instances of one database, each database in turn."""
+    servers: list[live.LiveServer] = request.getfixturevalue(f"{request.param}_servers")
+    return servers
+
+
 @pytest.fixture(autouse=True)
 def forget_coupons_seen() -> Iterator[None]:
     """Each test starts with empty coupon memories: its coupons are new."""

@@ -21,12 +21,6 @@ from coupons.tests.live import LiveServer, Response, claim_request, concurrently
 ROUNDS = 20
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
-def all_servers(request: pytest.FixtureRequest) -> list[LiveServer]:
-    servers: list[LiveServer] = request.getfixturevalue(f"{request.param}_servers")
-    return servers
-
-
 @pytest.fixture(params=["one instance", "two instances"])
 def servers(request: pytest.FixtureRequest, all_servers: list[LiveServer]) -> list[LiveServer]:
     return all_servers[:1] if request.param == "one instance" else all_servers
