@@ -145,16 +145,16 @@ def _field_errors(detail: Any) -> dict[str, list[str]]:
     return {"body": [str(message) for message in detail]}
 
 
-def json_error(body: dict[str, Any], status: HTTPStatus) -> HttpResponse:
-    """An error answered outside DRF's views, written as DRF's renderer writes the API's."""
+def json_answer(body: dict[str, Any], status: HTTPStatus) -> HttpResponse:
+    """An answer given outside DRF's views, written as DRF's renderer writes the API's."""
     return HttpResponse(JSONRenderer().render(body), status=status, content_type="application/json")
 
 
 def _json_error_view(status: HTTPStatus, code: str, message: str) -> Callable[..., HttpResponse]:
     def view(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
         if isinstance(exception, RequestDataTooBig):
-            return json_error(PAYLOAD_TOO_LARGE, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-        return json_error(error_body(code, message), status)
+            return json_answer(PAYLOAD_TOO_LARGE, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        return json_answer(error_body(code, message), status)
 
     return view
 
@@ -168,7 +168,7 @@ page_not_found = _json_error_view(HTTPStatus.NOT_FOUND, "not_found", "No such pa
 
 def server_error(request: HttpRequest) -> HttpResponse:
     """Answer an unexpected fault; the details go to the log, not to the client."""
-    return json_error(
+    return json_answer(
         error_body("internal_error", "The server failed to handle the request."),
         HTTPStatus.INTERNAL_SERVER_ERROR,
     )

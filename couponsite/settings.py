@@ -10,6 +10,7 @@ from pathlib import Path
 
 import dj_database_url
 import django_stubs_ext
+from django.core.exceptions import ImproperlyConfigured
 
 # Lets generic classes such as ModelAdmin[Coupon] be subscripted at run time, for typing.
 django_stubs_ext.monkeypatch()
@@ -67,10 +68,14 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "django_filters",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "coupons",
 ]
 
 MIDDLEWARE = [
+    # First, so that it times, counts and logs every answer, whatever answered it.
+    "couponsite.observability.ObserveRequests",
     "couponsite.middleware.HeadWithoutBody",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -171,15 +176,30 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "coupons.errors.api_exception_handler",
 }
 
+# One line per request from coupons.requests (couponsite/observability.py): JSON for log
+# collectors wherever the service runs on PostgreSQL, text to read in the embedded run.
+LOG_FORMAT = os.environ.get("LOG_FORMAT") or ("json" if DATABASE_URL else "text")
+if LOG_FORMAT not in {"json", "text"}:
+    raise ImproperlyConfigured(f"LOG_FORMAT must be json or text, not {LOG_FORMAT!r}.")
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
+    "formatters": {
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+        },
+        "text": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+    },
     "handlers": {
-        "console": {"class": "logging.StreamHandler"},
+        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT},
         "null": {"class": "logging.NullHandler"},
     },
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO").upper()},
     "loggers": {
+        "coupons.requests": {"level": "INFO" if env_bool("LOG_REQUESTS", True) else "WARNING"},
         # A refused request is an expected answer (a 4xx JSON body), not a warning.
         "django.request": {"level": "ERROR"},
         # A wrong Host header is answered with 400; a scanner's noise is no operator's concern.

@@ -5,6 +5,7 @@ from django.urls import path
 from rest_framework.routers import SimpleRouter
 
 from coupons.api import CouponClaimViewSet, CouponViewSet
+from couponsite import observability
 
 router = SimpleRouter()
 # Every API path answers with or without a trailing slash (no redirect for a POST to lose).
@@ -19,6 +20,9 @@ router.register(
 urlpatterns = [
     *router.urls,
     path("admin/", admin.site.urls),
+    path("healthz", observability.healthz, name="healthz"),
+    path("readyz", observability.readyz, name="readyz"),
+    path("metrics", observability.metrics, name="metrics"),
 ]
 
 handler400 = "coupons.errors.bad_request"
