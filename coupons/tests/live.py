@@ -125,22 +125,29 @@ def gunicorn(
     workers: int = 3,
     application: str | None = None,
     ready_status: int = 404,
+    log: Path | None = None,
 ) -> Iterator[LiveServer]:
-    """Run gunicorn with the project's config on a free loopback port; stop it on exit."""
+    """Run gunicorn with the project's config on a free loopback port; stop it on exit.
+
+    Its log goes to `log` with a line per request; without it, to stderr without them.
+    """
     port = free_port()
     command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
     if application:
         command.append(application)
+    log_file = log.open("w") if log else None
     process = subprocess.Popen(
         command,
         cwd=PROJECT_DIR,
         env={
+            "LOG_REQUESTS": "true" if log else "false",
             **environment,
             "HOST": "127.0.0.1",
             "PORT": str(port),
             "WEB_CONCURRENCY": str(workers),
         },
         stdout=subprocess.DEVNULL,
+        stderr=log_file,
     )
     server = LiveServer("127.0.0.1", port, process)
     try:
@@ -153,6 +160,8 @@ def gunicorn(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        if log_file:
+            log_file.close()
 
 
 def wait_until_serving(server: LiveServer, *, timeout: float = 30, ready_status: int = 404) -> None:

@@ -36,6 +36,18 @@ def dockerfile_command(dockerfile: str) -> list[str]:
     return command
 
 
+def healthcheck_command(dockerfile: str) -> list[str]:
+    match = re.search(r"^HEALTHCHECK .*\\\n\s+CMD (\[.*\])$", dockerfile, re.M)
+    assert match, "the Dockerfile has no HEALTHCHECK with a CMD in JSON form"
+    command: list[str] = json.loads(match.group(1))
+    return command
+
+
+def test_the_image_and_compose_check_readiness(compose: dict[str, Any], dockerfile: str) -> None:
+    assert "/readyz" in " ".join(healthcheck_command(dockerfile))
+    assert "/readyz" in " ".join(compose["services"]["app"]["healthcheck"]["test"])
+
+
 def test_compose_starts_postgres_before_the_app_on_port_8080(compose: dict[str, Any]) -> None:
     database, app = compose["services"]["db"], compose["services"]["app"]
 
@@ -91,6 +103,11 @@ def test_the_image_command_migrates_and_serves_the_api(
             claim = {"user_id": "u", "coupon_name": "IMAGE"}
             assert server.request("POST", "/api/coupons/claim", claim).status == 201
             assert server.details("IMAGE")["claimed_by"] == ["u"]
+            # The image's and the compose file's health checks pass against it.
+            compose_check = compose["services"]["app"]["healthcheck"]["test"][1:]
+            for check in [healthcheck_command(dockerfile), compose_check]:
+                check = [part.replace("8080", environment["PORT"]) for part in check]
+                assert subprocess.run(check, env=environment, check=False).returncode == 0
         finally:
             process.terminate()
             process.wait(timeout=15)
