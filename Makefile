@@ -39,12 +39,13 @@ test: $(VENV)/.installed-dev
 	$(BIN)/coverage report --include='coupons/*' --fail-under=90 > /dev/null \
 		|| { echo "Coverage of coupons/ is below 90%."; exit 1; }
 
-## check: lint, formatting, types, migrations in step with the models, known vulnerabilities
+## check: lint, formatting, types, migrations in step with the models, the OpenAPI schema without warnings, known vulnerabilities
 check: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/python manage.py makemigrations --check --dry-run
+	$(BIN)/python manage.py spectacular --validate --fail-on-warn --file /dev/null
 	@$(MAKE) --no-print-directory audit
 
 # pip-audit asks PyPI's advisory data about every pinned package. A known vulnerability

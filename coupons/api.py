@@ -10,6 +10,7 @@ from django.db.models import QuerySet
 from django.http import HttpResponse
 from django.utils import timezone
 from django_filters.rest_framework import DjangoFilterBackend
+from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import mixins, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import ParseError
@@ -20,7 +21,7 @@ from rest_framework.renderers import BaseRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from coupons import services
+from coupons import schema, services
 from coupons.details_document import details_document
 from coupons.errors import ClaimNotFound, CouponNotFound
 from coupons.models import ClaimHistory, Coupon, CouponQuerySet
@@ -117,6 +118,7 @@ class JSONApi:
         authenticates nobody (settings.REST_FRAMEWORK)."""
 
 
+@extend_schema_view(list=extend_schema(**schema.LIST))
 class CouponViewSet(JSONApi, mixins.ListModelMixin, viewsets.GenericViewSet[Coupon]):
     """Create coupons, list them, claim them, and read their state."""
 
@@ -129,12 +131,14 @@ class CouponViewSet(JSONApi, mixins.ListModelMixin, viewsets.GenericViewSet[Coup
     # Any name without "/", percent-encoded in the path.
     lookup_value_regex = "[^/]+"
 
+    @extend_schema(**schema.CREATE)
     def create(self, request: Request) -> Response:
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         coupon = services.create_coupon(**serializer.validated_data)
         return Response(CouponDetailsSerializer(coupon).data, HTTPStatus.CREATED)
 
+    @extend_schema(**schema.DETAILS)
     def retrieve(self, request: Request, name: str) -> HttpResponse:
         refuse_impossible_name(name)
         # Written by the database, in CouponDetailsSerializer's shape (details_document.py).
@@ -143,6 +147,7 @@ class CouponViewSet(JSONApi, mixins.ListModelMixin, viewsets.GenericViewSet[Coup
             raise CouponNotFound()
         return HttpResponse(document, content_type="application/json")
 
+    @extend_schema(**schema.CLAIM)
     @action(detail=False, methods=["post"], serializer_class=ClaimSerializer)
     def claim(self, request: Request) -> Response:
         serializer = self.get_serializer(data=request.data)
@@ -155,12 +160,18 @@ class CouponViewSet(JSONApi, mixins.ListModelMixin, viewsets.GenericViewSet[Coup
         replayed = {"Idempotent-Replayed": "true"} if claim.replayed else None
         return Response(self.get_serializer(claim).data, HTTPStatus.CREATED, headers=replayed)
 
+    @extend_schema(**schema.DETAILS_OF_CLAIM)
     @claim.mapping.get
     def details_of_coupon_named_claim(self, request: Request) -> HttpResponse:
         # The claim route shadows GET /api/coupons/claim; a coupon may be named "claim".
         return self.retrieve(request, name="claim")
 
 
+@extend_schema_view(
+    list=extend_schema(**schema.CLAIMS),
+    retrieve=extend_schema(**schema.CLAIM_OF_USER),
+    destroy=extend_schema(**schema.REVOKE),
+)
 class CouponClaimViewSet(
     JSONApi,
     mixins.ListModelMixin,

@@ -174,6 +174,26 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": [],
     "UNAUTHENTICATED_USER": None,
     "EXCEPTION_HANDLER": "coupons.errors.api_exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+
+# The OpenAPI schema at /api/schema and Swagger UI at /api/docs, its scripts served from the
+# installed sidecar package, not a CDN (drf-spectacular's Redoc page loads web fonts from
+# Google, so it is not offered).
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Flash-sale coupon service",
+    "DESCRIPTION": (
+        "Create coupons with a limited stock and claim them for shoppers, under any "
+        "concurrency: a coupon is never claimed more than its stock, and a user never "
+        "claims the same coupon twice. Every error is JSON: "
+        '`{"error": {"code": "...", "message": "...", ...}}`.'
+    ),
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "PREPROCESSING_HOOKS": ["coupons.schema.paths_without_trailing_slash"],
 }
 
 # One line per request from coupons.requests (couponsite/observability.py): JSON for log

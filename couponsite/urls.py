@@ -2,6 +2,7 @@
 
 from django.contrib import admin
 from django.urls import path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
 from coupons.api import CouponClaimViewSet, CouponViewSet
@@ -18,6 +19,8 @@ router.register(
 )
 
 urlpatterns = [
+    path("api/schema", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     *router.urls,
     path("admin/", admin.site.urls),
     path("healthz", observability.healthz, name="healthz"),
