@@ -2,8 +2,10 @@
 
 import contextlib
 import datetime
+import functools
 import time
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +60,29 @@ def create_coupon(
             raise CouponExists() from None
         raise
     return coupon
+
+
+def create_coupons(coupons: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str]]:
+    """Create many coupons at once, with bulk inserts; return the names created and those
+    skipped because a coupon has them already.
+
+    Takes the fields create_coupon takes. In a caller's transaction (seed_coupons opens one
+    for all its batches), nothing is created unless everything is.
+    """
+    names = [coupon["name"] for coupon in coupons]
+    with transaction.atomic():
+        taken = set(Coupon.objects.filter(name__in=names).values_list("name", flat=True))
+        new = [
+            Coupon(**coupon, remaining_amount=coupon["amount"])
+            for coupon in coupons
+            if coupon["name"] not in taken
+        ]
+        Coupon.objects.bulk_create(new)
+        created = [coupon.name for coupon in new]
+        # Coupons of these names deleted earlier may still be remembered sold out.
+        for name in created:
+            transaction.on_commit(functools.partial(forget_coupon, name))
+    return created, [name for name in names if name in taken]
 
 
 def delete_coupon(*, coupon_id: int) -> None:

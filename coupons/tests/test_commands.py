@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -251,3 +252,32 @@ def test_seed_refuses_argument_windows_beside_a_file(tmp_path: Path) -> None:
 
     with pytest.raises(CommandError, match="apply to NAME:AMOUNT arguments"):
         call_command("seed_coupons", "--file", str(path), starts_at="2030-01-01T00:00:00Z")
+
+
+def test_seed_creates_thousands_of_coupons_in_bulk_skipping_those_that_exist(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], django_assert_max_num_queries: Any
+) -> None:
+    services.create_coupon(name="C00042", amount=7)
+    path = tmp_path / "coupons.csv"
+    path.write_text("name,amount\n" + "".join(f"C{n:05},{n + 1}\n" for n in range(2_500)))
+
+    with django_assert_max_num_queries(20):  # Bulk inserts, not a statement per coupon.
+        call_command("seed_coupons", "--file", str(path))
+
+    output = capsys.readouterr()
+    assert "2499 created, 1 skipped (already exist). Skipped: C00042" in output.out
+    assert output.err == ""  # No progress bar when stderr is not a terminal.
+    assert Coupon.objects.count() == 2_500
+    assert stock()["C02499"] == (2_500, 2_500)
+    assert stock()["C00042"] == (7, 7)
+
+
+def test_seed_shows_its_progress_on_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+
+    call_command("seed_coupons", "A:1", "B:2")
+
+    progress = capsys.readouterr().err
+    assert "checking" in progress and "creating" in progress and "2/2" in progress

@@ -1,10 +1,12 @@
 """Check that every coupon's stored stock agrees with its claims, and its name with the rules."""
 
+import sys
 from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from django.db.models import Count, F
+from tqdm import tqdm
 
 from coupons.models import Coupon
 
@@ -33,7 +35,9 @@ class Command(BaseCommand):
             )
         misnamed = 0
         name_field = Coupon._meta.get_field("name")
-        for name in Coupon.objects.order_by("name").values_list("name", flat=True).iterator():
+        names = Coupon.objects.order_by("name").values_list("name", flat=True).iterator()
+        # A progress bar on a terminal's stderr; none when stderr is not a terminal.
+        for name in tqdm(names, total=total, desc="names", disable=not sys.stderr.isatty()):
             try:
                 name_field.run_validators(name)
             except ValidationError as refused:
