@@ -1,29 +1,69 @@
-"""The operators' view of coupons and their claims; every change goes through the services."""
+"""The operators' console: coupons and their sales, and the ledger of claims.
 
+Every change goes through the services, under the same lock and rules as the API.
+"""
+
+import csv
+import datetime
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.contrib.admin.models import DELETION, LogEntry
+from django.core.exceptions import PermissionDenied
 from django.db.models import F, QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
+from django.utils import timezone
+from django.utils.html import format_html
 
 from coupons import services
 from coupons.errors import AmountBelowClaimed
 from coupons.models import ClaimHistory, Coupon
 
 
-class SoldOutFilter(admin.SimpleListFilter):
-    title = "stock"
-    parameter_name = "stock"
+def moment(value: datetime.datetime | None) -> str:
+    """A time to the second, with its time zone, as operators read it."""
+    if value is None:
+        return "—"
+    return timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def sale_state(coupon: Coupon, now: datetime.datetime) -> str:
+    if coupon.starts_at is not None and now < coupon.starts_at:
+        return "not started"
+    if coupon.ends_at is not None and now >= coupon.ends_at:
+        return "ended"
+    return "sold out" if coupon.is_sold_out else "on sale"
+
+
+class SaleFilter(admin.SimpleListFilter):
+    title = "sale"
+    parameter_name = "sale"
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        return [("available", "Available"), ("sold_out", "Sold out")]
+        return [
+            ("on_sale", "On sale"),
+            ("sold_out", "Sold out"),
+            ("not_started", "Not started"),
+            ("ended", "Ended"),
+        ]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Coupon]) -> QuerySet[Coupon]:
-        if self.value() == "available":
-            return queryset.filter(remaining_amount__gt=0)
-        if self.value() == "sold_out":
-            return queryset.filter(remaining_amount=0)
+        now = timezone.now()
+        match self.value():
+            case "on_sale":
+                return Coupon.objects.live(now).filter(pk__in=queryset.values("pk"))
+            case "sold_out":
+                return queryset.filter(remaining_amount=0)
+            case "not_started":
+                return queryset.filter(starts_at__gt=now)
+            case "ended":
+                return queryset.filter(ends_at__lte=now)
         return queryset
 
 
@@ -43,6 +83,44 @@ class CouponAdminForm(forms.ModelForm[Coupon]):
         return amount
 
 
+@dataclass
+class Activity:
+    """Claims over time, per second while a sale drains, per minute after, for the chart."""
+
+    unit: str
+    buckets: list[tuple[datetime.datetime, int]]
+    draining: bool
+
+    @property
+    def most(self) -> int:
+        return max((claims for _, claims in self.buckets), default=0)
+
+
+# While the last claim is this recent, the sale is watched per second and the page refreshes.
+LIVELY = datetime.timedelta(minutes=5)
+SECONDS_SHOWN, MINUTES_SHOWN = 120, 240
+
+
+def sale_activity(coupon: Coupon, now: datetime.datetime) -> Activity:
+    claims = ClaimHistory.objects.filter(coupon=coupon)
+    last = claims.in_claim_order().values_list("claimed_at", flat=True).last()
+    draining = last is not None and now - last < LIVELY and not coupon.is_sold_out
+    if last is not None and now - last < LIVELY:
+        since, unit, shown = (
+            now - datetime.timedelta(seconds=SECONDS_SHOWN),
+            "second",
+            SECONDS_SHOWN,
+        )
+    else:
+        since, unit, shown = (
+            (last or now) - datetime.timedelta(minutes=MINUTES_SHOWN),
+            "minute",
+            MINUTES_SHOWN,
+        )
+    buckets = claims.filter(claimed_at__gt=since).count_per(unit)[-shown:]
+    return Activity(unit, buckets, draining)
+
+
 @admin.register(Coupon)
 class CouponAdmin(admin.ModelAdmin[Coupon]):
     form = CouponAdminForm
@@ -50,15 +128,16 @@ class CouponAdmin(admin.ModelAdmin[Coupon]):
         "name",
         "amount",
         "remaining_amount",
-        "claimed_count",
-        "sold_out",
-        "starts_at",
-        "ends_at",
-        "created_at",
+        "claimed",
+        "share_sold",
+        "sale",
+        "window_opens",
+        "window_closes",
+        "created",
     ]
-    list_filter = [SoldOutFilter, "created_at"]
+    list_filter = [SaleFilter, "created_at"]
     search_fields = ["name"]
-    readonly_fields = ["remaining_amount", "claimed_count", "created_at", "updated_at"]
+    readonly_fields = ["remaining_amount", "claimed", "share_sold", "sale", "created", "updated"]
     date_hierarchy = "created_at"
     ordering = ["-created_at", "-id"]
 
@@ -68,12 +147,89 @@ class CouponAdmin(admin.ModelAdmin[Coupon]):
         return [*self.readonly_fields, "name"] if obj else []
 
     @admin.display(description="claimed", ordering=F("amount") - F("remaining_amount"))
-    def claimed_count(self, coupon: Coupon) -> int:
-        return coupon.claimed_count
+    def claimed(self, coupon: Coupon) -> str:
+        # A bar of the share claimed, and the count, linking to the coupon's claims.
+        claims = reverse("admin:coupons_claimhistory_changelist")
+        return format_html(
+            '<meter min="0" max="{}" value="{}" title="{} of {}"></meter> '
+            '<a href="{}?coupon__id__exact={}">{}</a>',
+            coupon.amount,
+            coupon.claimed_count,
+            coupon.claimed_count,
+            coupon.amount,
+            claims,
+            coupon.pk,
+            coupon.claimed_count,
+        )
 
-    @admin.display(description="sold out", boolean=True, ordering="remaining_amount")
-    def sold_out(self, coupon: Coupon) -> bool:
-        return coupon.is_sold_out
+    @admin.display(description="sold")
+    def share_sold(self, coupon: Coupon) -> str:
+        return f"{100 * coupon.claimed_count / coupon.amount:.1f} %"
+
+    @admin.display(description="sale")
+    def sale(self, coupon: Coupon) -> str:
+        return sale_state(coupon, timezone.now())
+
+    @admin.display(description="opens", ordering="starts_at")
+    def window_opens(self, coupon: Coupon) -> str:
+        return moment(coupon.starts_at)
+
+    @admin.display(description="closes", ordering="ends_at")
+    def window_closes(self, coupon: Coupon) -> str:
+        return moment(coupon.ends_at)
+
+    @admin.display(description="created", ordering="created_at")
+    def created(self, coupon: Coupon) -> str:
+        return moment(coupon.created_at)
+
+    @admin.display(description="last changed")
+    def updated(self, coupon: Coupon) -> str:
+        return moment(coupon.updated_at)
+
+    def get_urls(self) -> list[URLPattern]:
+        activity = path(
+            "<int:coupon_id>/activity/",
+            self.admin_site.admin_view(self.activity_view),
+            name="coupons_coupon_activity",
+        )
+        return [activity, *super().get_urls()]
+
+    def activity_view(self, request: HttpRequest, coupon_id: int) -> HttpResponse:
+        """The coupon's numbers and its chart of claims, which the change page refreshes."""
+        coupon = get_object_or_404(Coupon, pk=coupon_id)
+        if not self.has_view_permission(request, coupon):
+            raise PermissionDenied
+        return TemplateResponse(
+            request, "admin/coupons/coupon/activity.html", self.sale_context(coupon)
+        )
+
+    def sale_context(self, coupon: Coupon) -> dict[str, Any]:
+        now = timezone.now()
+        activity = sale_activity(coupon, now)
+        claims = reverse("admin:coupons_claimhistory_changelist")
+        return {
+            "coupon": coupon,
+            "sale": sale_state(coupon, now),
+            "share_sold": self.share_sold(coupon),
+            "activity": activity,
+            "bars": chart_bars(activity),
+            "claims_url": f"{claims}?coupon__id__exact={coupon.pk}",
+            "export_url": f"{claims}export/?coupon__id__exact={coupon.pk}",
+            "activity_url": reverse("admin:coupons_coupon_activity", args=[coupon.pk]),
+            "now": moment(now),
+            "last_claim": moment(activity.buckets[-1][0]) if activity.buckets else "—",
+        }
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        coupon = self.get_object(request, object_id)
+        sale = self.sale_context(coupon) if coupon else {}
+        return super().change_view(request, object_id, form_url, {**(extra_context or {}), **sale})
 
     def delete_model(self, request: HttpRequest, obj: Coupon) -> None:
         services.delete_coupon(coupon_id=obj.pk)
@@ -99,17 +255,84 @@ class CouponAdmin(admin.ModelAdmin[Coupon]):
         obj.updated_at = saved.updated_at
 
 
+@dataclass
+class Bar:
+    x: float
+    width: float
+    height: float
+    claims: int
+    label: str
+
+    @property
+    def top(self) -> float:
+        return CHART_HEIGHT - self.height
+
+
+CHART_WIDTH, CHART_HEIGHT = 720, 160
+
+
+def chart_bars(activity: Activity) -> list[Bar]:
+    """The chart's bars, scaled to its size: one per bucket that saw claims."""
+    if not activity.buckets:
+        return []
+    first = activity.buckets[0][0]
+    step = datetime.timedelta(seconds=1 if activity.unit == "second" else 60)
+    span = max((activity.buckets[-1][0] - first) / step + 1, 1)
+    width = CHART_WIDTH / span
+    return [
+        Bar(
+            x=(moment_ - first) / step * width,
+            width=max(width * 0.9, 1),
+            height=CHART_HEIGHT * claims / activity.most,
+            claims=claims,
+            label=f"{moment(moment_)}: {claims}",
+        )
+        for moment_, claims in activity.buckets
+    ]
+
+
+class ClaimsCSV:
+    """The rows of a claims export, written as they are read: bounded memory for any size."""
+
+    class _Line:
+        def write(self, line: str) -> str:
+            return line
+
+    def __init__(self, claims: QuerySet[ClaimHistory]) -> None:
+        self.claims = claims
+
+    def __iter__(self) -> Iterator[str]:
+        writer = csv.writer(self._Line())
+        yield writer.writerow(["coupon", "user_id", "claimed_at"])
+        rows = self.claims.values_list("coupon__name", "user_id", "claimed_at")
+        for coupon_name, user_id, claimed_at in rows.iterator(chunk_size=2_000):
+            yield writer.writerow([coupon_name, user_id, claimed_at.isoformat()])
+
+
 @admin.register(ClaimHistory)
 class ClaimHistoryAdmin(admin.ModelAdmin[ClaimHistory]):
-    """A read-only ledger; deleting a claim revokes it and returns its unit to the stock."""
+    """A read-only ledger: claims are revoked (an action, or delete), never edited."""
 
-    list_display = ["user_id", "coupon", "claimed_at"]
-    list_filter = [("coupon", admin.RelatedOnlyFieldListFilter)]
+    list_display = ["user_id", "coupon_link", "claimed"]
+    list_filter = [("coupon", admin.RelatedOnlyFieldListFilter), "claimed_at"]
     list_select_related = ["coupon"]
     search_fields = ["user_id", "coupon__name"]
+    date_hierarchy = "claimed_at"
     ordering = ["-id"]
+    readonly_fields = ["user_id", "coupon_link", "claimed", "idempotency_key"]
+    fields = ["user_id", "coupon_link", "claimed", "idempotency_key"]
+    actions = ["revoke"]
     # The ledger can be large: skip the COUNT(*) of the whole table on every page.
     show_full_result_count = False
+
+    @admin.display(description="coupon", ordering="coupon__name")
+    def coupon_link(self, claim: ClaimHistory) -> str:
+        url = reverse("admin:coupons_coupon_change", args=[claim.coupon_id])
+        return format_html('<a href="{}">{}</a>', url, claim.coupon.name)
+
+    @admin.display(description="claimed at", ordering="claimed_at")
+    def claimed(self, claim: ClaimHistory) -> str:
+        return moment(claim.claimed_at)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -117,9 +340,46 @@ class ClaimHistoryAdmin(admin.ModelAdmin[ClaimHistory]):
     def has_change_permission(self, request: HttpRequest, obj: ClaimHistory | None = None) -> bool:
         return False
 
+    @admin.action(
+        description="Revoke the selected claims (their units go back to stock)",
+        permissions=["delete"],
+    )
+    def revoke(self, request: HttpRequest, queryset: QuerySet[ClaimHistory]) -> None:
+        claims = list(queryset.select_related("coupon"))
+        revoked = [claim for claim in claims if services.revoke_claim(claim_id=claim.pk)]
+        if revoked and request.user.pk is not None:  # Admin views need a logged-in user.
+            LogEntry.objects.log_actions(
+                user_id=request.user.pk,
+                queryset=revoked,
+                action_flag=DELETION,
+                change_message="Revoked: its unit went back to the coupon's stock.",
+            )
+        self.message_user(
+            request,
+            f"Revoked {len(revoked)} claims; their units are back in stock.",
+            messages.SUCCESS,
+        )
+
     def delete_model(self, request: HttpRequest, obj: ClaimHistory) -> None:
         services.revoke_claim(claim_id=obj.pk)
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[ClaimHistory]) -> None:
         for claim_id in queryset.values_list("pk", flat=True):
             services.revoke_claim(claim_id=claim_id)
+
+    def get_urls(self) -> list[URLPattern]:
+        export = path(
+            "export/",
+            self.admin_site.admin_view(self.export_view),
+            name="coupons_claimhistory_export",
+        )
+        return [export, *super().get_urls()]
+
+    def export_view(self, request: HttpRequest) -> StreamingHttpResponse:
+        """The claims the ledger shows with its current search and filters, as CSV, streamed."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        claims = self.get_changelist_instance(request).get_queryset(request)
+        response = StreamingHttpResponse(ClaimsCSV(claims), content_type="text/csv")
+        response["Content-Disposition"] = 'attachment; filename="claims.csv"'
+        return response

@@ -1,9 +1,15 @@
 """The operators' admin: a view over the same tables, writing only through the services."""
 
+import csv
 import datetime
+import io
+import re
+from typing import Any
 
 import pytest
+from django.contrib.admin.models import DELETION, LogEntry
 from django.test import Client
+from django.utils import timezone
 
 from coupons import services
 from coupons.errors import OutOfStock, SaleEnded
@@ -31,17 +37,31 @@ def test_coupon_list_shows_stock_claims_and_sold_out_state(
     rows = {coupon.name: coupon for coupon in response.context["cl"].result_list}
     assert set(rows) == {"SOLD", "FRESH"}
     page = response.content.decode()
-    for heading in ["Amount", "Remaining amount", "Claimed", "Sold out"]:
+    for heading in ["Amount", "Remaining amount", "Claimed", "Sold", "Sale", "Created"]:
         assert heading in page
+    assert "100.0 %" in page and "0.0 %" in page  # The share sold.
+    assert '<meter min="0" max="2" value="2"' in page  # The bar of claims against amount.
+    assert "sold out" in page and "on sale" in page  # Words, not an alarming icon.
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", page)  # To the second, with its zone.
 
 
 @pytest.mark.parametrize(
     ("query", "names"),
-    [("stock=sold_out", {"SOLD"}), ("stock=available", {"FRESH"}), ("q=FRE", {"FRESH"})],
+    [
+        ("sale=sold_out", {"SOLD"}),
+        ("sale=on_sale", {"FRESH"}),
+        ("sale=not_started", {"LATER"}),
+        ("sale=ended", {"OVER"}),
+        ("q=FRE", {"FRESH"}),
+    ],
 )
 def test_coupon_list_filters_and_searches(
     admin_client: Client, sold_out_coupon: Coupon, query: str, names: set[str]
 ) -> None:
+    now = timezone.now()
+    services.create_coupon(name="LATER", amount=1, starts_at=now + datetime.timedelta(days=1))
+    services.create_coupon(name="OVER", amount=1, ends_at=now - datetime.timedelta(days=1))
+
     response = admin_client.get(f"/admin/coupons/coupon/?{query}")
 
     assert {coupon.name for coupon in response.context["cl"].result_list} == names
@@ -295,3 +315,90 @@ def test_deleting_coupons_in_the_admin_deletes_their_claims(
     assert response.status_code == 302
     assert not Coupon.objects.exists()
     assert not ClaimHistory.objects.exists()
+
+
+def test_a_coupons_page_shows_its_sale_and_a_chart_of_its_claims(
+    admin_client: Client, sold_out_coupon: Coupon
+) -> None:
+    response = admin_client.get(f"/admin/coupons/coupon/{sold_out_coupon.pk}/change/")
+
+    page = response.content.decode()
+    assert response.status_code == 200
+    assert "Sale: sold out" in page
+    assert re.search(r'id="sale-claimed">2</strong> of 2 claimed\s+\(100.0 %\)', page)
+    assert f"coupon__id__exact={sold_out_coupon.pk}" in page  # Its claims, and their export.
+    claims_drawn = sum(int(claims) for claims in re.findall(r'data-claims="(\d+)"', page))
+    assert claims_drawn == 2
+    assert "Claims per second" in page  # Claimed just now: the sale is watched per second.
+
+
+def test_the_chart_counts_claims_per_minute_once_the_sale_is_quiet(
+    admin_client: Client, django_assert_max_num_queries: Any
+) -> None:
+    coupon = services.create_coupon(name="BIG", amount=1_000)
+    long_ago = (timezone.now() - datetime.timedelta(hours=2)).replace(second=0, microsecond=0)
+    ClaimHistory.objects.bulk_create(
+        ClaimHistory(
+            coupon=coupon, user_id=f"u{n}", claimed_at=long_ago + datetime.timedelta(seconds=n)
+        )
+        for n in range(600)
+    )
+
+    # The numbers and the chart, as the page refreshes them: counted by the database.
+    with django_assert_max_num_queries(8):
+        response = admin_client.get(f"/admin/coupons/coupon/{coupon.pk}/activity/")
+
+    page = response.content.decode()
+    assert "Claims per minute, at most 60" in page
+    assert sorted(int(claims) for claims in re.findall(r'data-claims="(\d+)"', page)) == [60] * 10
+    assert 'data-draining="false"' in page
+
+
+def test_the_claims_export_streams_the_ledger_as_filtered(
+    admin_client: Client, sold_out_coupon: Coupon
+) -> None:
+    services.claim_coupon(coupon_name="FRESH", user_id="carol")
+
+    response = admin_client.get(
+        f"/admin/coupons/claimhistory/export/?coupon__id__exact={sold_out_coupon.pk}"
+    )
+
+    assert response.status_code == 200
+    assert response.streaming
+    assert response["Content-Type"] == "text/csv"
+    streamed = b"".join(response.streaming_content)  # type: ignore[attr-defined]
+    rows = list(csv.reader(io.StringIO(streamed.decode())))
+    assert rows[0] == ["coupon", "user_id", "claimed_at"]
+    assert sorted(row[:2] for row in rows[1:]) == [["SOLD", "alice"], ["SOLD", "bob"]]
+
+
+def test_revoking_claims_as_an_action_restores_stock_and_is_logged(
+    admin_client: Client, sold_out_coupon: Coupon
+) -> None:
+    alice = ClaimHistory.objects.get(user_id="alice")
+
+    response = admin_client.post(
+        "/admin/coupons/claimhistory/",
+        {"action": "revoke", "_selected_action": [alice.pk]},
+        follow=True,
+    )
+
+    assert "Revoked 1 claims; their units are back in stock." in response.content.decode()
+    sold_out_coupon.refresh_from_db()
+    assert (sold_out_coupon.remaining_amount, claimants_of(sold_out_coupon)) == (1, ["bob"])
+    entry = LogEntry.objects.get()
+    assert (entry.action_flag, entry.object_repr) == (DELETION, str(alice))
+    assert entry.change_message == "Revoked: its unit went back to the coupon's stock."
+    services.claim_coupon(coupon_name="SOLD", user_id="alice")  # Free to claim again.
+
+
+def claimants_of(coupon: Coupon) -> list[str]:
+    return list(coupon.claims.order_by("id").values_list("user_id", flat=True))
+
+
+def test_the_ledger_offers_its_export_with_its_filters(
+    admin_client: Client, sold_out_coupon: Coupon
+) -> None:
+    response = admin_client.get("/admin/coupons/claimhistory/?q=alice")
+
+    assert 'href="export/?q=alice"' in response.content.decode()
