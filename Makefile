@@ -30,8 +30,12 @@ run: $(VENV)/.installed-runtime
 	exec $(BIN)/gunicorn -c gunicorn.conf.py
 
 ## test: the whole suite, on PostgreSQL (DATABASE_URL, else 127.0.0.1:5432, else a throwaway server) and SQLite,
+## the admin in headless Chromium (installed with apt-get when missing),
 ## under branch coverage (gunicorn servers included); fails below 90% for coupons/
 test: $(VENV)/.installed-dev
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+		|| (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) \
+		|| echo "Chromium could not be installed here; the browser test will fail and say so."
 	$(BIN)/coverage erase
 	$(BIN)/coverage run -m pytest
 	$(BIN)/coverage combine --quiet

@@ -85,9 +85,12 @@ class CouponAdminForm(forms.ModelForm[Coupon]):
 
 @dataclass
 class Activity:
-    """Claims over time, per second while a sale drains, per minute after, for the chart."""
+    """Claims over time, per second while a sale drains, per minute after, for the chart:
+    `slots` units from `start`."""
 
     unit: str
+    start: datetime.datetime
+    slots: int
     buckets: list[tuple[datetime.datetime, int]]
     draining: bool
 
@@ -106,19 +109,16 @@ def sale_activity(coupon: Coupon, now: datetime.datetime) -> Activity:
     last = claims.in_claim_order().values_list("claimed_at", flat=True).last()
     draining = last is not None and now - last < LIVELY and not coupon.is_sold_out
     if last is not None and now - last < LIVELY:
-        since, unit, shown = (
-            now - datetime.timedelta(seconds=SECONDS_SHOWN),
-            "second",
-            SECONDS_SHOWN,
-        )
+        # The last two minutes, to now.
+        unit, slots = "second", SECONDS_SHOWN
+        since = now.replace(microsecond=0) - datetime.timedelta(seconds=slots - 1)
     else:
-        since, unit, shown = (
-            (last or now) - datetime.timedelta(minutes=MINUTES_SHOWN),
-            "minute",
-            MINUTES_SHOWN,
-        )
-    buckets = claims.filter(claimed_at__gt=since).count_per(unit)[-shown:]
-    return Activity(unit, buckets, draining)
+        # The sale's last four hours, to its last claim.
+        unit, slots = "minute", MINUTES_SHOWN
+        end = (last or now).replace(second=0, microsecond=0)
+        since = end - datetime.timedelta(minutes=slots - 1)
+    buckets = claims.filter(claimed_at__gte=since).count_per(unit)
+    return Activity(unit, since, slots, buckets, draining)
 
 
 @admin.register(Coupon)
@@ -272,16 +272,12 @@ CHART_WIDTH, CHART_HEIGHT = 720, 160
 
 
 def chart_bars(activity: Activity) -> list[Bar]:
-    """The chart's bars, scaled to its size: one per bucket that saw claims."""
-    if not activity.buckets:
-        return []
-    first = activity.buckets[0][0]
+    """The chart's bars, scaled to its size: one per unit of time that saw claims."""
     step = datetime.timedelta(seconds=1 if activity.unit == "second" else 60)
-    span = max((activity.buckets[-1][0] - first) / step + 1, 1)
-    width = CHART_WIDTH / span
+    width = CHART_WIDTH / activity.slots
     return [
         Bar(
-            x=(moment_ - first) / step * width,
+            x=(moment_ - activity.start) / step * width,
             width=max(width * 0.9, 1),
             height=CHART_HEIGHT * claims / activity.most,
             claims=claims,
