@@ -2,6 +2,7 @@
 
 import multiprocessing
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,15 +36,25 @@ loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 wsgi_app = "couponsite.wsgi:application"
 
 # Prometheus metrics from every worker, added up at /metrics (couponsite/observability.py):
-# each worker writes its counts into this directory. One per server, emptied as it starts.
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="coupons-metrics-"))
+# each worker writes its counts into PROMETHEUS_MULTIPROC_DIR, which must be the server's own.
+# Unset, the server makes a directory of its own as it starts and removes it as it stops.
+_own_metrics_directory: str | None = None
 
 
 def on_starting(server: object) -> None:
+    global _own_metrics_directory
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        _own_metrics_directory = tempfile.mkdtemp(prefix="coupons-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = _own_metrics_directory
     directory = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob("*.db"):
         stale.unlink()
+
+
+def on_exit(server: object) -> None:
+    if _own_metrics_directory:
+        shutil.rmtree(_own_metrics_directory, ignore_errors=True)
 
 
 def child_exit(server: object, worker: Any) -> None:

@@ -5,6 +5,7 @@ Every change goes through the services, under the same lock and rules as the API
 
 import csv
 import datetime
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -12,9 +13,16 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.models import DELETION, LogEntry
+from django.contrib.admin.options import IncorrectLookupParameters
 from django.core.exceptions import PermissionDenied
-from django.db.models import F, QuerySet
-from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.db.models import F, Q, QuerySet
+from django.http import (
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBase,
+    HttpResponseRedirect,
+    StreamingHttpResponse,
+)
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
@@ -54,16 +62,19 @@ class SaleFilter(admin.SimpleListFilter):
         ]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Coupon]) -> QuerySet[Coupon]:
+        # As sale_state() words it: not started, then ended, then sold out, else on sale.
         now = timezone.now()
+        started = Q(starts_at__isnull=True) | Q(starts_at__lte=now)
+        open_ = started & (Q(ends_at__isnull=True) | Q(ends_at__gt=now))
         match self.value():
             case "on_sale":
-                return Coupon.objects.live(now).filter(pk__in=queryset.values("pk"))
+                return queryset.filter(open_, remaining_amount__gt=0)
             case "sold_out":
-                return queryset.filter(remaining_amount=0)
+                return queryset.filter(open_, remaining_amount=0)
             case "not_started":
                 return queryset.filter(starts_at__gt=now)
             case "ended":
-                return queryset.filter(ends_at__lte=now)
+                return queryset.filter(started, ends_at__lte=now)
         return queryset
 
 
@@ -86,29 +97,32 @@ class CouponAdminForm(forms.ModelForm[Coupon]):
 @dataclass
 class Activity:
     """Claims over time, per second while a sale drains, per minute after, for the chart:
-    `slots` units from `start`."""
+    `slots` units from `start`. `poll_seconds`: how often the page asks again (0: never)."""
 
     unit: str
     start: datetime.datetime
     slots: int
     buckets: list[tuple[datetime.datetime, int]]
-    draining: bool
+    last_claim: datetime.datetime | None
+    poll_seconds: int
 
     @property
     def most(self) -> int:
         return max((claims for _, claims in self.buckets), default=0)
 
 
-# While the last claim is this recent, the sale is watched per second and the page refreshes.
-LIVELY = datetime.timedelta(minutes=5)
 SECONDS_SHOWN, MINUTES_SHOWN = 120, 240
+# While the last claim is this recent, the sale is watched per second, and the page follows
+# it every 3 s; a coupon that may still sell is asked about every 15 s.
+LIVELY = datetime.timedelta(seconds=SECONDS_SHOWN)
+DRAINING_POLL, WAITING_POLL = 3, 15
 
 
 def sale_activity(coupon: Coupon, now: datetime.datetime) -> Activity:
     claims = ClaimHistory.objects.filter(coupon=coupon)
     last = claims.in_claim_order().values_list("claimed_at", flat=True).last()
-    draining = last is not None and now - last < LIVELY and not coupon.is_sold_out
-    if last is not None and now - last < LIVELY:
+    lively = last is not None and now - last < LIVELY
+    if lively:
         # The last two minutes, to now.
         unit, slots = "second", SECONDS_SHOWN
         since = now.replace(microsecond=0) - datetime.timedelta(seconds=slots - 1)
@@ -118,7 +132,9 @@ def sale_activity(coupon: Coupon, now: datetime.datetime) -> Activity:
         end = (last or now).replace(second=0, microsecond=0)
         since = end - datetime.timedelta(minutes=slots - 1)
     buckets = claims.filter(claimed_at__gte=since).count_per(unit)
-    return Activity(unit, since, slots, buckets, draining)
+    may_sell = sale_state(coupon, now) in {"on sale", "not started"}
+    poll = DRAINING_POLL if lively and may_sell else WAITING_POLL if may_sell else 0
+    return Activity(unit, since, slots, buckets, last, poll)
 
 
 @admin.register(Coupon)
@@ -164,7 +180,8 @@ class CouponAdmin(admin.ModelAdmin[Coupon]):
 
     @admin.display(description="sold")
     def share_sold(self, coupon: Coupon) -> str:
-        return f"{100 * coupon.claimed_count / coupon.amount:.1f} %"
+        # Rounded down: 9,996 of 10,000 is 99.9 %, not yet 100.0 %.
+        return f"{math.floor(1000 * coupon.claimed_count / coupon.amount) / 10:.1f} %"
 
     @admin.display(description="sale")
     def sale(self, coupon: Coupon) -> str:
@@ -217,7 +234,7 @@ class CouponAdmin(admin.ModelAdmin[Coupon]):
             "export_url": f"{claims}export/?coupon__id__exact={coupon.pk}",
             "activity_url": reverse("admin:coupons_coupon_activity", args=[coupon.pk]),
             "now": moment(now),
-            "last_claim": moment(activity.buckets[-1][0]) if activity.buckets else "—",
+            "last_claim": moment(activity.last_claim),
         }
 
     def change_view(
@@ -288,7 +305,11 @@ def chart_bars(activity: Activity) -> list[Bar]:
 
 
 class ClaimsCSV:
-    """The rows of a claims export, written as they are read: bounded memory for any size."""
+    """The rows of a claims export, written as they are read: bounded memory for any size.
+
+    UTF-8 with a byte-order mark, so that spreadsheets read it as such; a name or user id
+    that a spreadsheet would take for a formula (=, +, -, @) is written with a leading '.
+    """
 
     class _Line:
         def write(self, line: str) -> str:
@@ -299,10 +320,14 @@ class ClaimsCSV:
 
     def __iter__(self) -> Iterator[str]:
         writer = csv.writer(self._Line())
-        yield writer.writerow(["coupon", "user_id", "claimed_at"])
+        yield "\ufeff" + writer.writerow(["coupon", "user_id", "claimed_at"])
         rows = self.claims.values_list("coupon__name", "user_id", "claimed_at")
         for coupon_name, user_id, claimed_at in rows.iterator(chunk_size=2_000):
-            yield writer.writerow([coupon_name, user_id, claimed_at.isoformat()])
+            yield writer.writerow([as_text(coupon_name), as_text(user_id), claimed_at.isoformat()])
+
+
+def as_text(cell: str) -> str:
+    return f"'{cell}" if cell.startswith(("=", "+", "-", "@", "\t", "\r")) else cell
 
 
 @admin.register(ClaimHistory)
@@ -313,12 +338,12 @@ class ClaimHistoryAdmin(admin.ModelAdmin[ClaimHistory]):
     list_filter = [("coupon", admin.RelatedOnlyFieldListFilter), "claimed_at"]
     list_select_related = ["coupon"]
     search_fields = ["user_id", "coupon__name"]
-    date_hierarchy = "claimed_at"
+    # No date_hierarchy: it reads the whole ledger for its dates on every page.
     ordering = ["-id"]
     readonly_fields = ["user_id", "coupon_link", "claimed", "idempotency_key"]
     fields = ["user_id", "coupon_link", "claimed", "idempotency_key"]
     actions = ["revoke"]
-    # The ledger can be large: skip the COUNT(*) of the whole table on every page.
+    # The ledger can be large: a filtered page does not count the whole table as well.
     show_full_result_count = False
 
     @admin.display(description="coupon", ordering="coupon__name")
@@ -350,11 +375,11 @@ class ClaimHistoryAdmin(admin.ModelAdmin[ClaimHistory]):
                 action_flag=DELETION,
                 change_message="Revoked: its unit went back to the coupon's stock.",
             )
-        self.message_user(
-            request,
-            f"Revoked {len(revoked)} claims; their units are back in stock.",
-            messages.SUCCESS,
-        )
+        if revoked:
+            message = f"Revoked {len(revoked)} claims; their units are back in stock."
+            self.message_user(request, message, messages.SUCCESS)
+        else:
+            self.message_user(request, "No claim was revoked: they were gone.", messages.WARNING)
 
     def delete_model(self, request: HttpRequest, obj: ClaimHistory) -> None:
         services.revoke_claim(claim_id=obj.pk)
@@ -371,11 +396,15 @@ class ClaimHistoryAdmin(admin.ModelAdmin[ClaimHistory]):
         )
         return [export, *super().get_urls()]
 
-    def export_view(self, request: HttpRequest) -> StreamingHttpResponse:
+    def export_view(self, request: HttpRequest) -> HttpResponseBase:
         """The claims the ledger shows with its current search and filters, as CSV, streamed."""
         if not self.has_view_permission(request):
             raise PermissionDenied
-        claims = self.get_changelist_instance(request).get_queryset(request)
-        response = StreamingHttpResponse(ClaimsCSV(claims), content_type="text/csv")
+        try:
+            claims = self.get_changelist_instance(request).get_queryset(request)
+        except IncorrectLookupParameters:
+            # As the ledger answers a filter it does not know: back to it, with ?e=1.
+            return HttpResponseRedirect(f"{reverse('admin:coupons_claimhistory_changelist')}?e=1")
+        response = StreamingHttpResponse(ClaimsCSV(claims), content_type="text/csv; charset=utf-8")
         response["Content-Disposition"] = 'attachment; filename="claims.csv"'
         return response

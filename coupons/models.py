@@ -181,7 +181,7 @@ class ClaimQuerySet(OneStatementClaimWrite):
         """How many claims were made in each `unit` ("second", "minute"...), oldest first:
         counted by the database, with no Python object per claim."""
         buckets = (
-            self.annotate(bucket=Trunc("claimed_at", unit))
+            self.annotate(bucket=Trunc("claimed_at", unit, tzinfo=datetime.UTC))
             .values_list("bucket")
             .annotate(claims=Count("id"))
             .order_by("bucket")

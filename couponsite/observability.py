@@ -12,6 +12,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from contextvars import ContextVar
 from http import HTTPStatus
 from typing import Any
 
@@ -52,6 +53,35 @@ DATABASE_ERRORS = Counter(
 
 # An X-Request-ID worth echoing and logging: a caller's id of reasonable size.
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+# The request being answered, for every log record written meanwhile (RequestIdFilter).
+current_request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the id of the request being answered on every log record (settings.LOGGING), so
+    that an error's traceback can be matched with its request's line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = current_request_id.get()
+        return True
+
+
+class HealthChecks:
+    """Answers /healthz and /readyz before anything else runs, the Host header's check
+    included: probes reach a server by its address (127.0.0.1 in the image's check, a pod's
+    IP in Kubernetes), which ALLOWED_HOSTS rightly does not list. They are neither counted
+    nor logged: a probe every few seconds would drown the requests that matter."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        if request.path == "/healthz":
+            return healthz(request)
+        if request.path == "/readyz":
+            return readyz(request)
+        return self.get_response(request)
 
 
 class ObserveRequests:
@@ -69,7 +99,11 @@ class ObserveRequests:
         started = time.perf_counter()
         given = request.headers.get("X-Request-ID", "")
         request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-        response = self.get_response(request)
+        token = current_request_id.set(request_id)
+        try:
+            response = self.get_response(request)
+        finally:
+            current_request_id.reset(token)
         seconds = time.perf_counter() - started
         response["X-Request-ID"] = request_id
 
@@ -133,14 +167,23 @@ def healthz(request: HttpRequest) -> HttpResponse:
     return json_answer({"status": "ok"}, HTTPStatus.OK)
 
 
+_migrated = False  # Once this process has seen every migration applied, it stays so.
+
+
 def readyz(request: HttpRequest) -> HttpResponse:
     """Ready for traffic: the database answers and every migration is applied."""
+    global _migrated
     try:
         connection.ensure_connection()
-        executor = MigrationExecutor(connection)
-        pending = executor.migration_plan(executor.loader.graph.leaf_nodes())
-    except DatabaseError as error:
-        DATABASE_ERRORS.labels(type(error).__name__).inc()
+        if _migrated:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+            pending = []
+        else:
+            executor = MigrationExecutor(connection)
+            pending = executor.migration_plan(executor.loader.graph.leaf_nodes())
+            _migrated = not pending
+    except DatabaseError:
         body = error_body("service_unavailable", "The database is unreachable.")
         return json_answer(body, HTTPStatus.SERVICE_UNAVAILABLE)
     if pending:

@@ -23,8 +23,6 @@ urlpatterns = [
     path("api/docs", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     *router.urls,
     path("admin/", admin.site.urls),
-    path("healthz", observability.healthz, name="healthz"),
-    path("readyz", observability.readyz, name="readyz"),
     path("metrics", observability.metrics, name="metrics"),
 ]
 

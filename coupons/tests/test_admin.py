@@ -7,11 +7,14 @@ import re
 from typing import Any
 
 import pytest
+from django.contrib.admin import site
 from django.contrib.admin.models import DELETION, LogEntry
+from django.contrib.auth.models import User
 from django.test import Client
 from django.utils import timezone
 
 from coupons import services
+from coupons.admin import CouponAdmin
 from coupons.errors import OutOfStock, SaleEnded
 from coupons.models import ClaimHistory, Coupon
 
@@ -39,7 +42,8 @@ def test_coupon_list_shows_stock_claims_and_sold_out_state(
     page = response.content.decode()
     for heading in ["Amount", "Remaining amount", "Claimed", "Sold", "Sale", "Created"]:
         assert heading in page
-    assert "100.0 %" in page and "0.0 %" in page  # The share sold.
+    shares = dict(re.findall(r">(SOLD|FRESH)</a>.*?field-share_sold\">([\d.]+ %)<", page, re.S))
+    assert shares == {"SOLD": "100.0 %", "FRESH": "0.0 %"}  # The share sold.
     assert '<meter min="0" max="2" value="2"' in page  # The bar of claims against amount.
     assert "sold out" in page and "on sale" in page  # Words, not an alarming icon.
     assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", page)  # To the second, with its zone.
@@ -351,7 +355,7 @@ def test_the_chart_counts_claims_per_minute_once_the_sale_is_quiet(
     page = response.content.decode()
     assert "Claims per minute, at most 60" in page
     assert sorted(int(claims) for claims in re.findall(r'data-claims="(\d+)"', page)) == [60] * 10
-    assert 'data-draining="false"' in page
+    assert 'data-poll-seconds="15"' in page  # Quiet, with stock left: asked less often.
 
 
 def test_the_claims_export_streams_the_ledger_as_filtered(
@@ -365,9 +369,10 @@ def test_the_claims_export_streams_the_ledger_as_filtered(
 
     assert response.status_code == 200
     assert response.streaming
-    assert response["Content-Type"] == "text/csv"
+    assert response["Content-Type"] == "text/csv; charset=utf-8"
     streamed = b"".join(response.streaming_content)  # type: ignore[attr-defined]
-    rows = list(csv.reader(io.StringIO(streamed.decode())))
+    assert streamed.startswith("\ufeff".encode())  # So that spreadsheets read UTF-8.
+    rows = list(csv.reader(io.StringIO(streamed.decode("utf-8-sig"))))
     assert rows[0] == ["coupon", "user_id", "claimed_at"]
     assert sorted(row[:2] for row in rows[1:]) == [["SOLD", "alice"], ["SOLD", "bob"]]
 
@@ -388,6 +393,8 @@ def test_revoking_claims_as_an_action_restores_stock_and_is_logged(
     assert (sold_out_coupon.remaining_amount, claimants_of(sold_out_coupon)) == (1, ["bob"])
     entry = LogEntry.objects.get()
     assert (entry.action_flag, entry.object_repr) == (DELETION, str(alice))
+    assert entry.user_id == User.objects.get(username="admin").pk  # Who, and when.
+    assert timezone.now() - entry.action_time < datetime.timedelta(minutes=1)
     assert entry.change_message == "Revoked: its unit went back to the coupon's stock."
     services.claim_coupon(coupon_name="SOLD", user_id="alice")  # Free to claim again.
 
@@ -402,3 +409,47 @@ def test_the_ledger_offers_its_export_with_its_filters(
     response = admin_client.get("/admin/coupons/claimhistory/?q=alice")
 
     assert 'href="export/?q=alice"' in response.content.decode()
+
+
+def test_a_share_nearly_sold_is_not_rounded_up_to_all() -> None:
+    coupon = Coupon(amount=10_000, remaining_amount=4)
+
+    assert CouponAdmin(Coupon, site).share_sold(coupon) == "99.9 %"
+
+
+def test_the_export_defuses_what_a_spreadsheet_would_run_and_refuses_unknown_filters(
+    admin_client: Client,
+) -> None:
+    services.create_coupon(name="=SUM(A1)", amount=2)
+    services.claim_coupon(coupon_name="=SUM(A1)", user_id='=HYPERLINK("http://x","y")')
+    services.claim_coupon(coupon_name="=SUM(A1)", user_id="-1")
+
+    exported = admin_client.get("/admin/coupons/claimhistory/export/")
+    unknown = admin_client.get("/admin/coupons/claimhistory/export/?nope=1")
+
+    content = b"".join(exported.streaming_content).decode("utf-8-sig")  # type: ignore[attr-defined]
+    rows = sorted(row[:2] for row in csv.reader(io.StringIO(content)))[:-1]
+    assert rows == [["'=SUM(A1)", "'-1"], ["'=SUM(A1)", '\'=HYPERLINK("http://x","y")']]
+    assert (unknown.status_code, unknown["Location"]) == (302, "/admin/coupons/claimhistory/?e=1")
+
+
+def test_a_coupons_page_follows_a_sale_that_has_not_started(admin_client: Client) -> None:
+    later = timezone.now() + datetime.timedelta(hours=1)
+    coupon = services.create_coupon(name="SOON", amount=5, starts_at=later)
+
+    page = admin_client.get(f"/admin/coupons/coupon/{coupon.pk}/change/").content.decode()
+
+    assert "Sale: not started" in page
+    assert 'data-poll-seconds="15"' in page  # It will sell: the page keeps asking.
+
+
+def test_a_sale_quiet_for_a_few_minutes_still_shows_its_claims(admin_client: Client) -> None:
+    coupon = services.create_coupon(name="QUIET", amount=5)
+    services.claim_coupon(coupon_name="QUIET", user_id="u")
+    ClaimHistory.objects.update(claimed_at=timezone.now() - datetime.timedelta(minutes=3))
+
+    page = admin_client.get(f"/admin/coupons/coupon/{coupon.pk}/activity/").content.decode()
+
+    assert "Claims per minute" in page
+    assert re.findall(r'data-claims="(\d+)"', page) == ["1"]
+    assert "No claims yet." not in page

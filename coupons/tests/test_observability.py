@@ -12,6 +12,7 @@ from django.test import Client
 
 from coupons.tests import live
 from coupons.tests.live import LiveServer
+from couponsite.observability import RequestIdFilter
 
 
 def scrape(server: LiveServer) -> dict[str, float]:
@@ -34,22 +35,42 @@ def grown(before: dict[str, float], after: dict[str, float], sample: str) -> flo
     return after.get(sample, 0.0) - before.get(sample, 0.0)
 
 
-def test_metrics_add_up_every_workers_claims(postgresql_servers: list[LiveServer]) -> None:
-    server = postgresql_servers[0]
-    name = f"METRICS_{uuid.uuid4().hex[:8]}"
-    server.create_coupon(name, 4)
-    before = scrape(server)
+def test_metrics_add_up_every_workers_claims(
+    postgres_environment: dict[str, str], tmp_path: Path
+) -> None:
+    metrics_directory = tmp_path / "metrics"
+    environment = {**postgres_environment, "PROMETHEUS_MULTIPROC_DIR": str(metrics_directory)}
+    with live.gunicorn(environment, workers=3) as server:
+        name = f"METRICS_{uuid.uuid4().hex[:8]}"
+        server.create_coupon(name, 4)
+        before = scrape(server)
 
-    # Ten claims, spread over the server's three workers: four won, six refused.
-    for index in range(10):
-        server.request("POST", "/api/coupons/claim", {"user_id": f"m{index}", "coupon_name": name})
-    after = scrape(server)
+        # Twelve claims at once, spread over the server's three workers: four won.
+        claims = [live.claim_request(f"m{index}", name) for index in range(12)]
+        live.concurrently([server], claims)
+        after = scrape(server)
+        counting_workers = {path.name for path in metrics_directory.glob("counter_*.db")}
 
-    assert grown(before, after, 'coupons_claims_total{outcome="claimed"}') == 4
-    assert grown(before, after, 'coupons_claims_total{outcome="out_of_stock"}') == 6
-    assert grown(before, after, "coupons_claim_duration_seconds_count") == 10
+    assert len(counting_workers) >= 2, counting_workers  # Several workers counted...
+    assert grown(before, after, 'coupons_claims_total{outcome="claimed"}') == 4  # ...added up.
+    assert grown(before, after, 'coupons_claims_total{outcome="out_of_stock"}') == 8
+    assert grown(before, after, "coupons_claim_duration_seconds_count") == 12
     requests = 'coupons_http_requests_total{route="coupon-claim",status="409"}'
-    assert grown(before, after, requests) == 6
+    assert grown(before, after, requests) == 8
+
+
+def test_probes_answer_whatever_hosts_the_service_allows(
+    postgres_environment: dict[str, str],
+) -> None:
+    # Probes reach a server by its address, which a production ALLOWED_HOSTS does not list.
+    environment = {**postgres_environment, "ALLOWED_HOSTS": "coupons.example.com"}
+    with live.gunicorn(environment, workers=1, ready_status=400) as server:
+        healthy = server.request("GET", "/healthz")
+        ready = server.request("GET", "/readyz")
+        api = server.request("GET", "/api/coupons/NOPE")
+
+    assert (healthy.status, ready.status) == (200, 200)
+    assert (api.status, api.body["error"]["code"]) == (400, "bad_request")
 
 
 def test_an_unreachable_database_is_not_ready_yet_healthy_and_counted() -> None:
@@ -88,6 +109,7 @@ def test_a_migrated_database_is_ready() -> None:
     assert (response.status_code, response.json()) == (200, {"status": "ok"})
 
 
+@pytest.mark.django_db
 @pytest.mark.parametrize(
     ("given", "echoed"),
     [("trace-42", "trace-42"), ("has space", None), ("x" * 200, None), (None, None)],
@@ -96,7 +118,7 @@ def test_a_migrated_database_is_ready() -> None:
 def test_every_answer_carries_a_request_id(given: str | None, echoed: str | None) -> None:
     headers = {"X-Request-ID": given} if given is not None else {}
 
-    response = Client().get("/healthz", headers=headers)
+    response = Client().get("/api/coupons/NOPE", headers=headers)
 
     request_id = response["X-Request-ID"]
     assert request_id == echoed if echoed else re.fullmatch(r"[0-9a-f]{32}", request_id)
@@ -118,6 +140,7 @@ def test_a_server_on_postgresql_logs_a_json_line_per_request(
         server.request("POST", "/api/coupons/claim", claim)
 
     lines: list[dict[str, Any]] = [json.loads(line) for line in request_lines(log)]
+    assert all(line["time"].endswith("+00:00") for line in lines)  # ISO 8601, with its zone.
     claims = [line for line in lines if line["route"] == "coupon-claim"]
     assert [(line["status"], line["claim_outcome"]) for line in claims] == [
         (201, "claimed"),
@@ -126,6 +149,20 @@ def test_a_server_on_postgresql_logs_a_json_line_per_request(
     assert claims[0]["request_id"] == "checkout-7"
     assert claims[0]["method"] == "POST" and claims[0]["duration_ms"] > 0
     assert {"time", "level", "logger", "message"} <= set(claims[0])
+
+
+@pytest.mark.django_db
+def test_every_log_record_written_for_a_request_carries_its_id(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*args: Any) -> None:
+        raise RuntimeError("a fault")
+
+    monkeypatch.setattr("coupons.api.details_document", fail)
+    Client(raise_request_exception=False).get("/api/coupons/P", headers={"X-Request-ID": "r-9"})
+
+    fault = next(record for record in caplog.records if record.name == "django.request")
+    assert RequestIdFilter().filter(fault) and getattr(fault, "request_id", None) == "r-9"
 
 
 def test_the_embedded_run_logs_lines_to_read(

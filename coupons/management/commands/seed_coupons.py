@@ -15,6 +15,7 @@ from django.db import IntegrityError, transaction
 from tqdm import tqdm
 
 from coupons import services
+from coupons.models import Coupon
 from coupons.serializers import CouponSerializer
 
 # Coupons inserted per statement: each batch is one bulk insert, all in one transaction.
@@ -87,6 +88,7 @@ def describe_errors(errors: dict[str, Any]) -> str:
 
 
 class Command(BaseCommand):
+    quiet = False
     help = (
         "Create coupons given as NAME:AMOUNT arguments or in a JSON or CSV file, under the "
         "same rules as the API. Everything is checked before anything is created: one "
@@ -158,6 +160,7 @@ class Command(BaseCommand):
         if not entries and not problems:
             raise CommandError("Give coupons as NAME:AMOUNT arguments or with --file.")
 
+        self.quiet = verbosity == 0
         with self.progress(len(entries), "checking") as bar:
             coupons = self.validated(entries, problems, bar.update)
         created, skipped = [], []
@@ -170,6 +173,9 @@ class Command(BaseCommand):
                     skipped += taken
                     bar.update(len(batch))
         except IntegrityError:
+            names = [coupon["name"] for coupon in coupons]
+            if not Coupon.objects.filter(name__in=names).exists():
+                raise
             raise CommandError(
                 "Another process created some of these coupons meanwhile; nothing was created. "
                 "Run the command again: it skips the coupons that exist."
@@ -189,7 +195,8 @@ class Command(BaseCommand):
 
     def progress(self, total: int, doing: str) -> Any:
         """A progress bar on a terminal's stderr; nothing when stderr is not a terminal."""
-        return tqdm(total=total, desc=doing, unit="coupon", disable=not sys.stderr.isatty())
+        shown = sys.stderr.isatty() and not self.quiet
+        return tqdm(total=total, desc=doing, unit="coupon", disable=not shown)
 
     def validated(
         self, entries: list[Entry], problems: list[str], advance: Callable[[int], Any]
