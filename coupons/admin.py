@@ -12,7 +12,7 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
-from django.contrib.admin.models import DELETION, LogEntry
+from django.contrib.admin.models import CHANGE, DELETION, LogEntry
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.core.exceptions import PermissionDenied
 from django.db.models import F, Q, QuerySet
@@ -28,10 +28,12 @@ from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
+from rest_framework_api_key.admin import APIKeyModelAdmin
+from rest_framework_api_key.models import APIKey as LibraryApiKey
 
 from coupons import services
 from coupons.errors import AmountBelowClaimed
-from coupons.models import ClaimHistory, Coupon
+from coupons.models import ApiKey, ClaimHistory, Coupon
 
 
 def moment(value: datetime.datetime | None) -> str:
@@ -408,3 +410,31 @@ class ClaimHistoryAdmin(admin.ModelAdmin[ClaimHistory]):
         response = StreamingHttpResponse(ClaimsCSV(claims), content_type="text/csv; charset=utf-8")
         response["Content-Disposition"] = 'attachment; filename="claims.csv"'
         return response
+
+
+# The library's own APIKey table is unused: the service's keys carry a scope (ApiKey).
+admin.site.unregister(LibraryApiKey)
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(APIKeyModelAdmin):
+    """API keys: made here or by `create_api_key` (the key is shown once), revoked at once."""
+
+    # The library types its own tuples to the letter; these name more columns.
+    list_display = ("name", "scope", "prefix", "created", "expiry_date", "_has_expired", "revoked")  # type: ignore[assignment]
+    list_filter = ("scope", "revoked")  # type: ignore[assignment]
+    search_fields = ("name", "prefix")
+    actions = ["revoke"]
+
+    @admin.action(description="Revoke the selected keys (refused from the next request on)")
+    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        keys = list(queryset.filter(revoked=False))
+        queryset.filter(pk__in=[key.pk for key in keys]).update(revoked=True)
+        if keys and request.user.pk is not None:
+            LogEntry.objects.log_actions(
+                user_id=request.user.pk,
+                queryset=keys,
+                action_flag=CHANGE,
+                change_message="Revoked.",
+            )
+        self.message_user(request, f"Revoked {len(keys)} keys.", messages.SUCCESS)

@@ -108,14 +108,16 @@ class CouponFilter(django_filters.FilterSet):
 
 
 class JSONApi:
-    """What every view of the API shares: JSON in, JSON out, nobody authenticated."""
+    """What every view of the API shares: JSON in, JSON out, API keys (coupons/access.py)."""
 
     content_negotiation_class: type[BaseContentNegotiation] = AlwaysJSON
     parser_classes: Sequence[type[BaseParser]] = [BoundedJSONParser]
+    # The actions only an admin key may call when API_AUTH=required; a client key the rest.
+    admin_actions: frozenset[str] = frozenset()
 
     def perform_authentication(self, request: Request) -> None:
-        """Leave `request.user` unresolved, as DRF suggests where it is not needed: the API
-        authenticates nobody (settings.REST_FRAMEWORK)."""
+        """Leave the key unresolved until the permission or a throttle asks for it, as DRF
+        suggests: while API_AUTH is off nothing asks, and a request pays nothing for keys."""
 
 
 @extend_schema_view(list=extend_schema(**schema.LIST))
@@ -124,6 +126,7 @@ class CouponViewSet(JSONApi, mixins.ListModelMixin, viewsets.GenericViewSet[Coup
 
     queryset = Coupon.objects.all()
     serializer_class = CouponSerializer
+    admin_actions = frozenset({"create"})
     pagination_class = NewestFirst
     filter_backends = [DjangoFilterBackend]
     filterset_class = CouponFilter
@@ -184,6 +187,8 @@ class CouponClaimViewSet(
 
     serializer_class = ClaimSerializer
     pagination_class = InClaimOrder
+    # A checkout may look one claim up; listing a coupon's claims and revoking are operators'.
+    admin_actions = frozenset({"list", "destroy"})
     lookup_field = "user_id"
     # A user id may hold "/", percent-encoded in the path: the id runs to the path's end,
     # a trailing "/" included (this route tolerates none of its own).

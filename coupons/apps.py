@@ -11,3 +11,5 @@ class CouponsConfig(AppConfig):
         # one never set up, finding that out raises and catches an exception inside asgiref,
         # on every request: 4-8 µs of a 260 µs refusal (docs/performance.md). Set it up once.
         caches["default"]
+        # Registers the deployment check that warns while API_AUTH is off.
+        from coupons import access  # noqa: F401

@@ -1,6 +1,7 @@
 """Domain errors, and the one place where every error becomes a JSON response."""
 
 import logging
+import math
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
@@ -130,7 +131,13 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     else:
         code = _API_EXCEPTION_CODES.get(type(exc), str(exc.default_code))
         body = error_body(code, str(exc.detail))
-    return Response(body, status=exc.status_code)
+    headers = {}
+    # As DRF's own handler does: how to authenticate with a 401, when to retry with a 429.
+    if auth_header := getattr(exc, "auth_header", None):
+        headers["WWW-Authenticate"] = auth_header
+    if (wait := getattr(exc, "wait", None)) is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(wait)))
+    return Response(body, status=exc.status_code, headers=headers)
 
 
 def _field_errors(detail: Any) -> dict[str, list[str]]:

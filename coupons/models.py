@@ -13,6 +13,7 @@ from django.db.models import BooleanField, Count, Exists, F, OuterRef, Q
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import Trunc
 from django.utils import timezone
+from rest_framework_api_key.models import AbstractAPIKey
 
 from coupons.claim_write import OneStatementClaimWrite
 from coupons.errors import AmountBelowClaimed, SaleEnded, SaleNotStarted
@@ -257,3 +258,24 @@ class ClaimHistory(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user_id} → {self.coupon}"
+
+
+class ApiKey(AbstractAPIKey):
+    """A key a shop's backend sends as `Authorization: Bearer <key>` when API_AUTH=required.
+
+    djangorestframework-api-key stores a prefix to find the key and a SHA-512 hash of the
+    whole key (never the key itself), and compares hashes in constant time. The scope says
+    what the key may do (coupons/access.py).
+    """
+
+    class Scope(models.TextChoices):
+        ADMIN = "admin", "admin: everything, including creating coupons and revoking claims"
+        CLIENT = "client", "client: claim coupons and read them"
+
+    # Unique, unlike the library's: operators revoke a key by its name.
+    name = models.CharField(max_length=50, unique=True, help_text="Who holds this key.")
+    scope = models.CharField(max_length=10, choices=Scope.choices)
+
+    class Meta(AbstractAPIKey.Meta):
+        verbose_name = "API key"
+        verbose_name_plural = "API keys"

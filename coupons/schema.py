@@ -8,11 +8,14 @@ status cannot be documented one way and answered another.
 from http import HTTPStatus
 from typing import Any
 
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.openapi import AutoSchema
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse
 from rest_framework import serializers
 
 from coupons import errors
+from coupons.access import ApiKeyAuthentication
 from coupons.serializers import ClaimSerializer, CouponDetailsSerializer, CouponSerializer
 
 
@@ -230,3 +233,23 @@ REVOKE: dict[str, Any] = {
         **UNAVAILABLE,
     },
 }
+
+
+class ApiKeyScheme(OpenApiAuthenticationExtension):  # type: ignore[no-untyped-call]
+    """Describes the API keys (coupons/access.py) in the schema."""
+
+    target_class = ApiKeyAuthentication
+    name = "apiKey"
+
+    def get_security_definition(self, auto_schema: AutoSchema) -> dict[str, Any]:
+        return {
+            "type": "http",
+            "scheme": "bearer",
+            "description": (
+                "Needed when the service runs with API_AUTH=required: `Authorization: Bearer "
+                "<key>`, a key made by `manage.py create_api_key`. A client key claims and "
+                "reads; an admin key may also create coupons, list a coupon's claims and "
+                "revoke claims. Missing or unknown: 401 (`not_authenticated`, "
+                "`authentication_failed`); the wrong scope: 403 (`permission_denied`)."
+            ),
+        }

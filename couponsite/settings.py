@@ -3,6 +3,7 @@
 Every value has a safe default for a local run; see the README for the full list.
 """
 
+import datetime
 import os
 import secrets
 import tempfile
@@ -33,6 +34,12 @@ def env_list(name: str, default: str) -> list[str]:
 
 DEBUG = env_bool("DEBUG", False)
 
+# API keys (coupons/access.py): `required`, or `off` for an API open to whoever reaches it.
+API_AUTH = os.environ.get("API_AUTH", "").strip().lower() or "off"
+if API_AUTH not in {"off", "required"}:
+    raise ImproperlyConfigured(f"API_AUTH must be off or required, not {API_AUTH!r}.")
+API_AUTH_REQUIRED = API_AUTH == "required"
+
 
 def read_or_create_secret_key(path: Path) -> str:
     """Return the key stored at path, creating it once (readable by its owner only)."""
@@ -50,12 +57,6 @@ def read_or_create_secret_key(path: Path) -> str:
     return path.read_text().strip()
 
 
-# SECRET_KEY from the environment; without one, a random key kept in a local file, so
-# a local run needs no set-up and every worker shares the key.
-SECRET_KEY = os.environ.get("SECRET_KEY") or read_or_create_secret_key(
-    Path(os.environ.get("SECRET_KEY_FILE", BASE_DIR / ".secret_key"))
-)
-
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "")
 
@@ -70,6 +71,9 @@ INSTALLED_APPS = [
     "django_filters",
     "drf_spectacular",
     "drf_spectacular_sidecar",
+    # Installed for its migrations only: coupons.ApiKey extends its abstract model.
+    "rest_framework_api_key",
+    "axes",
     "coupons",
 ]
 
@@ -87,6 +91,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: answers a locked-out admin login with 429.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "couponsite.urls"
@@ -150,6 +156,66 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
 
+# SECRET_KEY signs the admin's sessions. From the environment; the embedded run (SQLite) or
+# DEBUG may do without, with a random key kept in a local file so that every worker shares
+# it. A deployment on PostgreSQL must set one: a key made inside a container is lost with it.
+SECRET_KEY = os.environ.get("SECRET_KEY", "")
+if not SECRET_KEY:
+    if DATABASE_URL and not DEBUG:
+        raise ImproperlyConfigured(
+            "SECRET_KEY must be set when the service runs on PostgreSQL (DATABASE_URL) with "
+            "DEBUG off; make one with: python -c 'import secrets; print(secrets.token_urlsafe(50))'"
+        )
+    SECRET_KEY = read_or_create_secret_key(
+        Path(os.environ.get("SECRET_KEY_FILE", BASE_DIR / ".secret_key"))
+    )
+
+# HTTPS. Clients reach a deployment over HTTPS, ended by a proxy in front of gunicorn that
+# says so in X-Forwarded-Proto (TRUST_X_FORWARDED_PROTO). HTTPS_ONLY then sends plain-HTTP
+# requests to HTTPS, marks the admin's cookies secure and asks browsers to keep to HTTPS
+# (HSTS). Probes answer before the redirect (couponsite/observability.py), and so does
+# /metrics, scraped from inside the network.
+if env_bool("TRUST_X_FORWARDED_PROTO", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+HTTPS_ONLY = env_bool("HTTPS_ONLY", False)
+SECURE_SSL_REDIRECT = HTTPS_ONLY
+SECURE_REDIRECT_EXEMPT = [r"^metrics$"]
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = HTTPS_ONLY
+SECURE_HSTS_SECONDS = int(os.environ.get("HSTS_SECONDS") or (31_536_000 if HTTPS_ONLY else 0))
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("HSTS_INCLUDE_SUBDOMAINS", HTTPS_ONLY)
+SECURE_HSTS_PRELOAD = env_bool("HSTS_PRELOAD", HTTPS_ONLY)
+
+# The cache: Redis when REDIS_URL is set, shared by every worker of every instance, which
+# the rate limits and the admin's login lockout need; else each process's own memory.
+REDIS_URL = os.environ.get("REDIS_URL", "")
+CACHES = {
+    "default": (
+        {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+        if REDIS_URL
+        else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+    )
+}
+
+# The admin's login, against password guessing (django-axes): after AXES_FAILURE_LIMIT
+# failures for one user name from one address, that pair is refused (429) for the cool-off.
+# Counted in the cache when it is Redis, else in the database (a process's memory would let
+# each worker count apart).
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_HANDLER = "axes.handlers." + (
+    "cache.AxesCacheHandler" if REDIS_URL else "database.AxesDatabaseHandler"
+)
+AXES_FAILURE_LIMIT = int(os.environ.get("ADMIN_LOGIN_FAILURE_LIMIT") or 5)
+AXES_COOLOFF_TIME = datetime.timedelta(
+    minutes=float(os.environ.get("ADMIN_LOGIN_COOLOFF_MINUTES") or 15)
+)
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_CLIENT_IP_CALLABLE = "coupons.access.client_address"
+AXES_VERBOSE = False  # No banner at every start of every process.
+
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
@@ -171,10 +237,22 @@ REST_FRAMEWORK = {
     # JSON only; the API's viewset parses with coupons.api.BoundedJSONParser.
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
-    # The API is called by a shop's backend on a private network; no sessions or CSRF.
-    "DEFAULT_AUTHENTICATION_CLASSES": [],
-    "DEFAULT_PERMISSION_CLASSES": [],
+    # A shop's backend calls the API, with an API key when API_AUTH=required (no sessions,
+    # no CSRF); coupons/access.py.
+    "DEFAULT_AUTHENTICATION_CLASSES": ["coupons.access.ApiKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["coupons.access.ScopeRequired"],
     "UNAUTHENTICATED_USER": None,
+    # Rate limits, in DRF's notation ("1000/s", "5/min"); unset, nobody is throttled.
+    "DEFAULT_THROTTLE_CLASSES": [
+        "coupons.access.ClientRateThrottle",
+        "coupons.access.ShopperRateThrottle",
+    ],
+    "DEFAULT_THROTTLE_RATES": {
+        "client": os.environ.get("RATE_LIMIT_CLIENT") or None,
+        "shopper": os.environ.get("RATE_LIMIT_SHOPPER") or None,
+    },
+    # How many proxies in front set X-Forwarded-For: 0 counts by the connection's address.
+    "NUM_PROXIES": int(os.environ.get("NUM_PROXIES") or 0),
     "EXCEPTION_HANDLER": "coupons.errors.api_exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
 }
@@ -192,6 +270,8 @@ SPECTACULAR_SETTINGS = {
     ),
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # The schema and its page are open to read, whatever API_AUTH says.
+    "SERVE_AUTHENTICATION": [],
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     # No request to swagger.io's validator: the page works without internet.

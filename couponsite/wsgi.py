@@ -1,6 +1,7 @@
 """WSGI entry point, served by gunicorn (see gunicorn.conf.py)."""
 
 import io
+import logging
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -37,3 +38,10 @@ class ChunkedBodies:
 
 
 application = ChunkedBodies(get_wsgi_application())
+
+from coupons.access import check_api_auth  # noqa: E402 - needs the settings, set up above.
+
+# Said in every worker's start-up log while the API is open to anyone (API_AUTH off), as
+# `manage.py check --deploy` says it.
+for warning in check_api_auth(None):
+    logging.getLogger("coupons").warning(warning.msg)

@@ -60,6 +60,8 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: Any, args
     if not url.startswith(("postgres://", "postgresql://")):
         pytest.exit(f"DATABASE_URL must point at PostgreSQL for the test suite, not {url!r}.", 3)
     os.environ["DATABASE_URL"] = url
+    # A deployment on PostgreSQL must set its SECRET_KEY (couponsite/settings.py); so do tests.
+    os.environ.setdefault("SECRET_KEY", "test-secret-key-" + "x" * 40)
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -77,32 +77,91 @@ def test_the_image_installs_the_pinned_requirements_and_listens_on_8080(dockerfi
     assert "EXPOSE 8080" in dockerfile
 
 
+def compose_environment(compose: dict[str, Any], **given: str) -> dict[str, str]:
+    """The app's environment in the compose file, as compose resolves it: `${NAME:-default}`
+    takes its default unless given; `${NAME:?message}` must be given."""
+
+    def resolve(match: re.Match[str]) -> str:
+        name, kind, fallback = match.groups()
+        if name in given:
+            return given[name]
+        assert kind == ":-", f"the compose file needs {name} ({fallback})"
+        return str(fallback)
+
+    return {
+        key: re.sub(r"\$\{([A-Z_]+)(:-|:\?)([^}]*)\}", resolve, str(value))
+        for key, value in compose["services"]["app"]["environment"].items()
+    }
+
+
+STRONG_KEY = "compose-" + "k7Qx" * 15
+
+
+def test_the_compose_file_requires_a_secret_key(compose: dict[str, Any]) -> None:
+    with pytest.raises(AssertionError, match="needs SECRET_KEY"):
+        compose_environment(compose)
+
+
+def test_check_deploy_is_clean_under_the_compose_configuration(compose: dict[str, Any]) -> None:
+    environment = {
+        **os.environ,
+        **compose_environment(compose, SECRET_KEY=STRONG_KEY),
+        "DATABASE_URL": os.environ["DATABASE_URL"],  # The compose file's "db" is not here.
+    }
+    done = run_manage(environment, "check", "--deploy", "--fail-level", "WARNING")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "no issues" in done.stdout
+
+
+def test_check_deploy_warns_about_an_open_api_and_plain_http() -> None:
+    environment = {**os.environ, "SECRET_KEY": STRONG_KEY, "API_AUTH": "off"}
+    environment.pop("HTTPS_ONLY", None)
+    done = run_manage(environment, "check", "--deploy")
+    for warning in ["coupons.W001", "security.W008", "security.W012", "security.W004"]:
+        assert warning in done.stderr, warning
+
+
 def test_the_image_command_migrates_and_serves_the_api(
     compose: dict[str, Any], dockerfile: str
 ) -> None:
     """Run the image's CMD here, with the compose file's environment and our PostgreSQL."""
-    compose_environment = {
-        key: str(value) for key, value in compose["services"]["app"]["environment"].items()
-    }
     with live.postgres_database("coupons_image") as database_url:
         environment = {
             **os.environ,
-            **{key: value for key, value in compose_environment.items() if "${" not in value},
+            **compose_environment(compose, SECRET_KEY=STRONG_KEY),
             "DATABASE_URL": database_url,  # The compose file's, with our server for "db".
+            "REDIS_URL": "redis://127.0.0.1:6379/0",
             "HOST": "127.0.0.1",
             "PORT": str(live.free_port()),
             "WEB_CONCURRENCY": "2",
-            "SECRET_KEY": "image-test",
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         }
         process = subprocess.Popen(dockerfile_command(dockerfile), cwd=ROOT, env=environment)
         server = live.LiveServer("127.0.0.1", int(environment["PORT"]), process)
         try:
-            live.wait_until_serving(server, timeout=60)
-            server.create_coupon("IMAGE", 1)
+            # Plain HTTP is sent to HTTPS, as the compose file asks.
+            live.wait_until_serving(server, timeout=60, ready_status=301)
+            made = run_manage(environment, "create_api_key", "--scope", "admin", "--name", "shop")
+            assert made.returncode == 0, made.stderr
+            # As the proxy in front sends them: over HTTPS, with the shop's key.
+            headers = {
+                "X-Forwarded-Proto": "https",
+                "Authorization": f"Bearer {made.stdout.splitlines()[-1]}",
+            }
+            created = server.request(
+                "POST", "/api/coupons", {"name": "IMAGE", "amount": 1}, headers
+            )
+            assert created.status == 201, created
+            assert created.headers["strict-transport-security"].startswith("max-age=31536000")
             claim = {"user_id": "u", "coupon_name": "IMAGE"}
-            assert server.request("POST", "/api/coupons/claim", claim).status == 201
-            assert server.details("IMAGE")["claimed_by"] == ["u"]
+            assert server.request("POST", "/api/coupons/claim", claim, headers).status == 201
+            assert server.request("POST", "/api/coupons/claim", claim).status == 301
+            without_key = server.request(
+                "GET", "/api/coupons/IMAGE", None, {"X-Forwarded-Proto": "https"}
+            )
+            assert without_key.status == 401
+            details = server.request("GET", "/api/coupons/IMAGE", None, headers)
+            assert details.body["claimed_by"] == ["u"]
             # The image's and the compose file's health checks pass against it.
             compose_check = compose["services"]["app"]["healthcheck"]["test"][1:]
             for check in [healthcheck_command(dockerfile), compose_check]:
