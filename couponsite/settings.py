@@ -129,6 +129,24 @@ if DATABASE_URL:
         server_side_binding=True,
         prepare_threshold=int(os.environ.get("PREPARE_THRESHOLD", "5") or 0) or None,
     )
+    # No request waits on the database for long: it gets a 503 to retry instead, well
+    # before gunicorn's timeout would kill its worker. A connection attempt gives up after
+    # DB_CONNECT_TIMEOUT seconds (a server that does not answer); a statement is cancelled
+    # after DB_STATEMENT_TIMEOUT_MS (a claim queued behind a lock that is not let go); and
+    # a session idle inside a transaction for DB_IDLE_IN_TRANSACTION_TIMEOUT_MS (a worker
+    # stuck while it holds a coupon's lock, which every claim of that coupon waits for) is
+    # ended, its transaction rolled back. 0 turns either of these two off. A connect_timeout
+    # or options given in DATABASE_URL's query string win.
+    session_timeouts = {
+        "statement_timeout": int(os.environ.get("DB_STATEMENT_TIMEOUT_MS") or 5000),
+        "idle_in_transaction_session_timeout": int(
+            os.environ.get("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS") or 10000
+        ),
+    }
+    timeouts = " ".join(f"-c {name}={value}" for name, value in session_timeouts.items())
+    database_options = DATABASES["default"]["OPTIONS"]
+    database_options["options"] = f"{timeouts} {database_options.get('options', '')}".strip()
+    database_options.setdefault("connect_timeout", int(os.environ.get("DB_CONNECT_TIMEOUT") or 3))
 else:
     DATABASES = {
         "default": {

@@ -257,3 +257,69 @@ def error_codes(responses: Sequence[Response]) -> Counter[str]:
     return Counter(
         response.body["error"]["code"] for response in responses if response.status >= 400
     )
+
+
+def details_once_answered(server: LiveServer, name: str, attempts: int = 20) -> dict[str, Any]:
+    """A coupon's details, asked again while the answer is a 503 (a worker whose database
+    connection broke answers one request with it, as a client would retry)."""
+    for _ in range(attempts - 1):
+        response = server.request("GET", f"/api/coupons/{quote(name, safe='')}")
+        if response.status != 503:
+            break
+        time.sleep(0.1)
+    else:
+        response = server.request("GET", f"/api/coupons/{quote(name, safe='')}")
+    assert response.status == 200, response
+    body: dict[str, Any] = response.body
+    return body
+
+
+def claim_history_problems(
+    server: LiveServer,
+    coupon_name: str,
+    attempts: Sequence[tuple[str, Response]],
+    environment: dict[str, str],
+) -> list[str]:
+    """Everything wrong between what claimants were told and what the service recorded.
+
+    `attempts` are (user_id, answer) for every claim of the coupon ever sent, status 0 for
+    one left unanswered. An answer of 2xx must be recorded; a 4xx must not have taken a
+    unit; an answer lost, or a 5xx, may have or not (the commit's outcome was unknown to
+    whoever answered). Then `audit_coupons`, run against the database of `environment`,
+    must find every coupon consistent.
+    """
+    details = details_once_answered(server, coupon_name)
+    claimed_by: list[str] = details["claimed_by"]
+    recorded = set(claimed_by)
+    granted = {user for user, answer in attempts if 200 <= answer.status < 300}
+    uncertain = {user for user, answer in attempts if answer.status == 0 or answer.status >= 500}
+    problems = []
+    if granted - recorded:
+        problems.append(f"told they hold it but not recorded: {sorted(granted - recorded)}")
+    if len(recorded) != len(claimed_by):
+        twice = sorted(user for user, count in Counter(claimed_by).items() if count > 1)
+        problems.append(f"recorded more than once: {twice}")
+    if not len(granted) <= len(claimed_by) <= len(granted | uncertain):
+        problems.append(
+            f"{len(claimed_by)} claims recorded, for {len(granted)} users told they hold it "
+            f"and {len(uncertain - granted)} left without a clear answer"
+        )
+    if recorded - granted - uncertain:
+        problems.append(f"recorded though refused: {sorted(recorded - granted - uncertain)}")
+    if not details["remaining_amount"] == details["amount"] - len(claimed_by) >= 0:
+        problems.append(
+            f"remaining_amount {details['remaining_amount']} with amount {details['amount']} "
+            f"and {len(claimed_by)} claims"
+        )
+    audit = subprocess.run(
+        [sys.executable, "manage.py", "audit_coupons"],
+        cwd=PROJECT_DIR,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if audit.returncode != 0:
+        problems.append(f"audit_coupons exited with {audit.returncode}: {audit.stderr.strip()}")
+    return problems
