@@ -7,7 +7,7 @@ from http import HTTPStatus
 from typing import Any
 
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
-from django.db import OperationalError
+from django.db import InternalError, OperationalError
 from django.http import Http404, HttpRequest, HttpResponse
 from rest_framework import exceptions
 from rest_framework.renderers import JSONRenderer
@@ -102,16 +102,30 @@ _API_EXCEPTION_CODES: dict[type[exceptions.APIException], str] = {
 }
 
 
+# PostgreSQL ended the session itself, rolling its transaction back whole: idle too long
+# inside a transaction (25P03, DB_IDLE_IN_TRANSACTION_TIMEOUT_MS), or past
+# transaction_timeout (25P04). psycopg raises these as InternalError.
+SESSION_ENDED_BY_THE_SERVER = {"25P03", "25P04"}
+
+
+def database_unavailable(exc: Exception) -> bool:
+    """Whether the database failed the request in a way a retry may not meet again."""
+    return isinstance(exc, OperationalError) or (
+        isinstance(exc, InternalError)
+        and getattr(exc.__cause__, "sqlstate", None) in SESSION_ENDED_BY_THE_SERVER
+    )
+
+
 def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     """Render every error raised in an API view as `{"error": {"code", "message", ...}}`."""
     if isinstance(exc, CouponError):
         return Response(error_body(exc.code, exc.message), status=exc.status)
     if isinstance(exc, RequestDataTooBig):
         return Response(PAYLOAD_TOO_LARGE, status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-    if isinstance(exc, OperationalError):
-        # The database is unreachable, restarting or timed out on a lock. A claim either
-        # committed whole or not at all, so a retry is safe: one that did commit is
-        # answered already_claimed.
+    if database_unavailable(exc):
+        # The database is unreachable, restarting, timed out on a lock or ended the session.
+        # A claim either committed whole or not at all, so a retry is safe: one that did
+        # commit is answered already_claimed.
         logger.error("Database unavailable: %s", exc, exc_info=exc)
         return Response(
             error_body("service_unavailable", "The database is unavailable; retry shortly."),
