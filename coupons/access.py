@@ -7,6 +7,7 @@ as the contract describes it; with the rates unset nobody is throttled.
 
 import hashlib
 import json
+import logging
 from typing import TYPE_CHECKING, Any, cast
 
 from django.conf import settings
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from rest_framework.views import APIView
 
     from coupons.models import ApiKey
+
+logger = logging.getLogger(__name__)
 
 OPEN_API_WARNING = (
     "API_AUTH is off: anyone who can reach the service can create coupons and claim them. "
@@ -96,6 +99,8 @@ class FixedWindowThrottle(SimpleRateThrottle):
     a window, up to twice the rate across the edge between two windows.
     """
 
+    cache_failure_reported_at = float("-inf")
+
     def get_rate(self) -> str | None:
         # Read at every request, so that a test's override_settings takes effect.
         rates = cast("dict[str, str | None]", api_settings.DEFAULT_THROTTLE_RATES)
@@ -112,14 +117,26 @@ class FixedWindowThrottle(SimpleRateThrottle):
         now = self.timer()
         window = int(now // period)
         key = f"{ident}:{window}"
+        try:
+            count = self.count(key, period)
+        except Exception as error:  # noqa: BLE001 - whatever the cache's client raises
+            # The cache is unreachable: let the request through rather than fail a sale
+            # because the limits cannot be counted, and say so (at most once a minute).
+            if now - FixedWindowThrottle.cache_failure_reported_at >= 60:
+                FixedWindowThrottle.cache_failure_reported_at = now
+                logger.warning("Rate limits not applied: the cache failed (%r).", error)
+            return True
+        self.wait_seconds = (window + 1) * period - now
+        return count <= limit
+
+    def count(self, key: str, period: int) -> int:
+        """Add one to the window's counter, made if missing; return its new value."""
         self.cache.add(key, 0, timeout=period + 1)
         try:
-            count = self.cache.incr(key)
+            return int(self.cache.incr(key))
         except ValueError:  # The counter expired between the two calls.
             self.cache.add(key, 1, timeout=period + 1)
-            count = 1
-        self.wait_seconds = (window + 1) * period - now
-        return bool(count <= limit)
+            return 1
 
     def wait(self) -> float:
         return float(self.wait_seconds)

@@ -286,6 +286,27 @@ def test_rate_limits_hold_across_instances_through_redis(
     assert all(answer.headers.get("retry-after") for answer in answers if answer.status == 429)
 
 
+def test_an_unreachable_cache_lets_claims_through_and_says_so(
+    postgres_environment: dict[str, str], tmp_path: Path
+) -> None:
+    nothing_listens = f"redis://127.0.0.1:{live.free_port()}/0"
+    environment = {
+        **postgres_environment,
+        "REDIS_URL": nothing_listens,
+        "RATE_LIMIT_SHOPPER": "1/min",
+    }
+    log = tmp_path / "gunicorn.log"
+    with live.gunicorn(environment, workers=1, log=log) as server:
+        name = f"NOCACHE-{uuid.uuid4().hex}"
+        server.create_coupon(name, 5)
+        answers = [server.request(*live.claim_request(f"u{index}", name)) for index in range(3)]
+        again = server.request(*live.claim_request("u0", name))
+    # Answered as if no limit were set, and the operator is told why.
+    assert [answer.status for answer in answers] == [201, 201, 201]
+    assert (again.status, again.body["error"]["code"]) == (409, "already_claimed")
+    assert log.read_text().count("Rate limits not applied: the cache failed") == 1
+
+
 # The admin's login
 
 
