@@ -4,11 +4,12 @@ Throughput under wrk moves with the shared host by up to 30% between runs; the t
 thread takes to serve a request through Django's WSGI handler (no HTTP, no gunicorn, the
 real PostgreSQL) moves far less, so it shows what a change to the claim path buys.
 
-    .venv/bin/python bench/request_cost.py [--requests N]
+    .venv/bin/python bench/request_cost.py [--requests N] [--api-key]
 
 It creates the bench database (as bench/run.py does), then reports the median of 5
 batches of N requests, in microseconds per request, for: a claim answered from the
-sold-out memory, a winning claim, and a coupon's details.
+sold-out memory, a winning claim, and a coupon's details. With --api-key the service runs
+with API_AUTH=required and every request carries a client key.
 """
 
 import argparse
@@ -28,9 +29,16 @@ import harness
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def wsgi_call(application: Callable[..., Any], method: str, path: str, body: bytes) -> str:
+def wsgi_call(
+    application: Callable[..., Any],
+    method: str,
+    path: str,
+    body: bytes,
+    headers: dict[str, str] | None = None,
+) -> str:
     """Serve one request through the WSGI application; return its status line."""
     environ = {
+        **(headers or {}),
         "REQUEST_METHOD": method,
         "PATH_INFO": path,
         "QUERY_STRING": "",
@@ -67,6 +75,9 @@ def microseconds_per_request(request: Callable[[], str], expected: str, requests
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000, help="requests per batch")
+    parser.add_argument(
+        "--api-key", action="store_true", help="API_AUTH=required, each request with a key"
+    )
     args = parser.parse_args(argv)
 
     database_url = harness.bench_database_url()
@@ -74,26 +85,33 @@ def main(argv: list[str]) -> int:
         environment = harness.service_env(database_url, port=8080)
         harness.migrate(environment)
         os.environ.update(environment)
+        if args.api_key:
+            os.environ["API_AUTH"] = "required"
         os.environ["DJANGO_SETTINGS_MODULE"] = "couponsite.settings"
         from couponsite.wsgi import application  # Sets Django up first.
 
         # isort: split
         from coupons import services
+        from coupons.models import ApiKey
 
+        headers = {}
+        if args.api_key:
+            _, key = ApiKey.objects.create_key(name="bench", scope="client")
+            headers["HTTP_AUTHORIZATION"] = f"Bearer {key}"
         services.create_coupon(name="SOLD_OUT", amount=1)
         services.create_coupon(name="ENDLESS", amount=2_000_000_000)
         users = count()
 
         def claim(coupon: str) -> str:
             body = f'{{"user_id": "u{next(users)}", "coupon_name": "{coupon}"}}'.encode()
-            return wsgi_call(application, "POST", "/api/coupons/claim", body)
+            return wsgi_call(application, "POST", "/api/coupons/claim", body, headers)
 
         cases = [
             ("claim on a sold-out coupon", lambda: claim("SOLD_OUT"), "409"),
             ("winning claim", lambda: claim("ENDLESS"), "201"),
             (
                 "details of a coupon",
-                lambda: wsgi_call(application, "GET", "/api/coupons/SOLD_OUT", b""),
+                lambda: wsgi_call(application, "GET", "/api/coupons/SOLD_OUT", b"", headers),
                 "200",
             ),
         ]
