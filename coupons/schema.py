@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.validators import RegexValidator
 from drf_spectacular.extensions import (
@@ -237,8 +238,39 @@ SERVICE_UNAVAILABLE = Refusal(
     message="The database is unavailable; retry shortly.",
 )
 
+NOT_AUTHENTICATED = Refusal(
+    HTTPStatus.UNAUTHORIZED,
+    "not_authenticated",
+    when="With API_AUTH=required: no `Authorization: Bearer <key>`. Sent with "
+    "`WWW-Authenticate: Bearer`.",
+    message="Authentication credentials were not provided.",
+)
+AUTHENTICATION_FAILED = Refusal(
+    HTTPStatus.UNAUTHORIZED,
+    "authentication_failed",
+    when="With API_AUTH=required: the key is unknown, revoked, expired or malformed.",
+    message="The API key is unknown or revoked.",
+)
+PERMISSION_DENIED = Refusal(
+    HTTPStatus.FORBIDDEN,
+    "permission_denied",
+    when="With API_AUTH=required: a client key; this call needs an admin key.",
+    message="This API key's scope does not allow this call.",
+)
+THROTTLED = Refusal(
+    HTTPStatus.TOO_MANY_REQUESTS,
+    "throttled",
+    when="Over a rate limit (RATE_LIMIT_CLIENT, or RATE_LIMIT_SHOPPER for one user's claims "
+    "on one coupon). Retry after the `Retry-After` header's seconds.",
+    message="Request was throttled. Expected available in 42 seconds.",
+)
+
 # What any request with a body can be answered, before any rule of the product.
 BODY_REFUSALS = (INVALID, INVALID_JSON, PAYLOAD_TOO_LARGE, UNSUPPORTED_MEDIA_TYPE)
+# What any call can be answered when keys are required or rate limits set.
+ACCESS_REFUSALS = (NOT_AUTHENTICATED, AUTHENTICATION_FAILED, THROTTLED)
+# And the calls only an admin key may make.
+ADMIN_REFUSALS = (*ACCESS_REFUSALS, PERMISSION_DENIED)
 
 # Headers of every answer, documented on every operation.
 REQUEST_ID = OpenApiParameter(
@@ -262,10 +294,18 @@ RETRY_AFTER = OpenApiParameter(
     {"type": "integer", "minimum": 0},
     OpenApiParameter.HEADER,
     required=True,
-    response=[HTTPStatus.SERVICE_UNAVAILABLE],
+    response=[HTTPStatus.SERVICE_UNAVAILABLE, HTTPStatus.TOO_MANY_REQUESTS],
     description="Seconds to wait before retrying.",
 )
-EVERY_ANSWER = [REQUEST_ID, ANSWERED_REQUEST_ID, RETRY_AFTER]
+WWW_AUTHENTICATE = OpenApiParameter(
+    "WWW-Authenticate",
+    {"type": "string", "enum": ['Bearer realm="api"']},
+    OpenApiParameter.HEADER,
+    required=True,
+    response=[HTTPStatus.UNAUTHORIZED],
+    description="How to authenticate: with an API key, as a bearer token.",
+)
+EVERY_ANSWER = [REQUEST_ID, ANSWERED_REQUEST_ID, RETRY_AFTER, WWW_AUTHENTICATE]
 
 NAME = OpenApiParameter(
     "name",
@@ -333,7 +373,7 @@ CREATE: dict[str, Any] = {
     "parameters": EVERY_ANSWER,
     "responses": {
         HTTPStatus.CREATED: CouponDetailsSerializer,
-        **refusals(*BODY_REFUSALS, errors.CouponExists, SERVICE_UNAVAILABLE),
+        **refusals(*BODY_REFUSALS, *ADMIN_REFUSALS, errors.CouponExists, SERVICE_UNAVAILABLE),
     },
     "examples": [
         OpenApiExample("A coupon", {"name": "PROMO_SUPER", "amount": 100}, request_only=True),
@@ -356,7 +396,7 @@ LIST: dict[str, Any] = {
     "parameters": [SOLD_OUT, LIVE, PAGE_SIZE, *EVERY_ANSWER],
     "responses": {
         HTTPStatus.OK: CouponSerializer(many=True),
-        **refusals(INVALID_FILTER, INVALID_CURSOR, SERVICE_UNAVAILABLE),
+        **refusals(INVALID_FILTER, INVALID_CURSOR, *ACCESS_REFUSALS, SERVICE_UNAVAILABLE),
     },
 }
 
@@ -367,7 +407,7 @@ DETAILS: dict[str, Any] = {
     "parameters": [NAME, *EVERY_ANSWER],
     "responses": {
         HTTPStatus.OK: CouponDetailsSerializer,
-        **refusals(errors.CouponNotFound, SERVICE_UNAVAILABLE),
+        **refusals(errors.CouponNotFound, *ACCESS_REFUSALS, SERVICE_UNAVAILABLE),
     },
 }
 
@@ -393,6 +433,7 @@ CLAIM: dict[str, Any] = {
         ),
         **refusals(
             *BODY_REFUSALS,
+            *ACCESS_REFUSALS,
             errors.CouponNotFound,
             errors.SaleNotStarted,
             errors.SaleEnded,
@@ -418,7 +459,7 @@ CLAIMS: dict[str, Any] = {
     "parameters": [NAME, PAGE_SIZE, *EVERY_ANSWER],
     "responses": {
         HTTPStatus.OK: ClaimSerializer(many=True),
-        **refusals(errors.CouponNotFound, INVALID_CURSOR, SERVICE_UNAVAILABLE),
+        **refusals(errors.CouponNotFound, INVALID_CURSOR, *ADMIN_REFUSALS, SERVICE_UNAVAILABLE),
     },
 }
 
@@ -428,7 +469,9 @@ CLAIM_OF_USER: dict[str, Any] = {
     "parameters": [NAME, USER_ID, *EVERY_ANSWER],
     "responses": {
         HTTPStatus.OK: ClaimSerializer,
-        **refusals(errors.CouponNotFound, errors.ClaimNotFound, SERVICE_UNAVAILABLE),
+        **refusals(
+            errors.CouponNotFound, errors.ClaimNotFound, *ACCESS_REFUSALS, SERVICE_UNAVAILABLE
+        ),
     },
 }
 
@@ -439,7 +482,9 @@ REVOKE: dict[str, Any] = {
     "parameters": [NAME, USER_ID, *EVERY_ANSWER],
     "responses": {
         HTTPStatus.NO_CONTENT: OpenApiResponse(description="Revoked."),
-        **refusals(errors.CouponNotFound, errors.ClaimNotFound, SERVICE_UNAVAILABLE),
+        **refusals(
+            errors.CouponNotFound, errors.ClaimNotFound, *ADMIN_REFUSALS, SERVICE_UNAVAILABLE
+        ),
     },
 }
 
@@ -462,3 +507,12 @@ class ApiKeyScheme(OpenApiAuthenticationExtension):  # type: ignore[no-untyped-c
                 "`authentication_failed`); the wrong scope: 403 (`permission_denied`)."
             ),
         }
+
+
+class CouponApiSchema(AutoSchema):
+    """drf-spectacular's schema, saying what the running service asks: while API_AUTH is off a
+    key is optional (no security requirement, or the bearer key)."""
+
+    def get_auth(self) -> list[dict[str, list[Any]]]:
+        auth: list[dict[str, list[Any]]] = super().get_auth()
+        return auth if settings.API_AUTH_REQUIRED else [*auth, {}]

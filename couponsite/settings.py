@@ -277,7 +277,7 @@ REST_FRAMEWORK = {
     # How many proxies in front set X-Forwarded-For: 0 counts by the connection's address.
     "NUM_PROXIES": int(os.environ.get("NUM_PROXIES") or 0),
     "EXCEPTION_HANDLER": "coupons.errors.api_exception_handler",
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "coupons.schema.CouponApiSchema",
 }
 
 # The OpenAPI schema at /api/schema and Swagger UI at /api/docs, its scripts served from the
