@@ -30,12 +30,19 @@ run: $(VENV)/.installed-runtime
 	exec $(BIN)/gunicorn -c gunicorn.conf.py
 
 ## test: the whole suite, on PostgreSQL (DATABASE_URL, else 127.0.0.1:5432, else a throwaway server) and SQLite,
-## the admin in headless Chromium (installed with apt-get when missing),
+## the admin in headless Chromium, instances behind HAProxy and PgBouncer (installed with apt-get when missing),
 ## under branch coverage (gunicorn servers included); fails below 90% for coupons/
 test: $(VENV)/.installed-dev
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null \
 		|| (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) \
 		|| echo "Chromium could not be installed here; the browser test will fail and say so."
+# The tests start HAProxy and PgBouncer of their own on free ports: Debian's services, which
+# the packages may start and enable, are stopped and disabled.
+	@PATH="$$PATH:/usr/sbin"; command -v haproxy >/dev/null && command -v pgbouncer >/dev/null \
+		|| (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy pgbouncer \
+			&& { for service in haproxy pgbouncer; do \
+				systemctl disable --now $$service || service $$service stop; done >/dev/null 2>&1; true; }) \
+		|| echo "HAProxy and PgBouncer could not be installed here; the topology tests will fail and say so."
 	$(BIN)/coverage erase
 	$(BIN)/coverage run -m pytest
 	$(BIN)/coverage combine --quiet

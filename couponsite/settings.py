@@ -120,15 +120,28 @@ TEMPLATES = [
 # 503, is then discarded by Django, and the next request opens a fresh one.
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 CONN_MAX_AGE = int(os.environ["CONN_MAX_AGE"]) if os.environ.get("CONN_MAX_AGE") else None
+# DB_POOLER=pgbouncer: DATABASE_URL names a PgBouncer in transaction pooling, which runs each
+# transaction on whichever server session is free. Nothing may then outlive a transaction on
+# its session: no prepared statements, no server-side cursors (a cursor's rows are fetched
+# by later statements), no session settings sent at connection time (PgBouncer refuses the
+# `options` startup parameter; its connect_query sets the timeouts, deploy/pgbouncer.ini).
+DB_POOLER = os.environ.get("DB_POOLER", "").strip().lower() or "none"
+if DB_POOLER not in {"none", "pgbouncer"}:
+    raise ImproperlyConfigured(f"DB_POOLER must be none or pgbouncer, not {DB_POOLER!r}.")
+BEHIND_PGBOUNCER = DB_POOLER == "pgbouncer"
 if DATABASE_URL:
     DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=CONN_MAX_AGE)}
     # Send parameters apart from the SQL and prepare a statement once it has run 5 times
     # on a connection: PostgreSQL then skips parsing and planning it on every claim.
-    # (Behind a transaction-pooling PgBouncer, set PREPARE_THRESHOLD= to turn this off.)
+    # Behind PgBouncer the parameters are still sent apart (in unnamed statements, parsed
+    # and run in one exchange), but nothing is prepared.
     DATABASES["default"].setdefault("OPTIONS", {}).update(
         server_side_binding=True,
-        prepare_threshold=int(os.environ.get("PREPARE_THRESHOLD", "5") or 0) or None,
+        prepare_threshold=(
+            None if BEHIND_PGBOUNCER else int(os.environ.get("PREPARE_THRESHOLD", "5") or 0) or None
+        ),
     )
+    DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = BEHIND_PGBOUNCER
     # No request waits on the database for long: it gets a 503 to retry instead, well
     # before gunicorn's timeout would kill its worker. A connection attempt gives up after
     # DB_CONNECT_TIMEOUT seconds (a server that does not answer); a statement is cancelled
@@ -145,7 +158,16 @@ if DATABASE_URL:
     }
     timeouts = " ".join(f"-c {name}={value}" for name, value in session_timeouts.items())
     database_options = DATABASES["default"]["OPTIONS"]
-    database_options["options"] = f"{timeouts} {database_options.get('options', '')}".strip()
+    if not BEHIND_PGBOUNCER:
+        database_options["options"] = f"{timeouts} {database_options.get('options', '')}".strip()
+    elif os.environ.get("DB_STATEMENT_TIMEOUT_MS") or os.environ.get(
+        "DB_IDLE_IN_TRANSACTION_TIMEOUT_MS"
+    ):
+        raise ImproperlyConfigured(
+            "DB_STATEMENT_TIMEOUT_MS and DB_IDLE_IN_TRANSACTION_TIMEOUT_MS cannot reach "
+            "PostgreSQL through PgBouncer (DB_POOLER=pgbouncer): set them in PgBouncer's "
+            "connect_query, as deploy/pgbouncer.ini does."
+        )
     database_options.setdefault("connect_timeout", int(os.environ.get("DB_CONNECT_TIMEOUT") or 3))
 else:
     DATABASES = {

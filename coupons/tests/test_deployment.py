@@ -13,7 +13,7 @@ import psycopg
 import pytest
 import yaml
 
-from coupons.tests import live
+from coupons.tests import live, topology
 
 ROOT = live.PROJECT_DIR
 
@@ -77,8 +77,10 @@ def test_the_image_installs_the_pinned_requirements_and_listens_on_8080(dockerfi
     assert "EXPOSE 8080" in dockerfile
 
 
-def compose_environment(compose: dict[str, Any], **given: str) -> dict[str, str]:
-    """The app's environment in the compose file, as compose resolves it: `${NAME:-default}`
+def compose_environment(
+    compose: dict[str, Any], service: str = "app", **given: str
+) -> dict[str, str]:
+    """A service's environment in the compose file, as compose resolves it: `${NAME:-default}`
     takes its default unless given; `${NAME:?message}` must be given."""
 
     def resolve(match: re.Match[str]) -> str:
@@ -90,7 +92,7 @@ def compose_environment(compose: dict[str, Any], **given: str) -> dict[str, str]
 
     return {
         key: re.sub(r"\$\{([A-Z_]+)(:-|:\?)([^}]*)\}", resolve, str(value))
-        for key, value in compose["services"]["app"]["environment"].items()
+        for key, value in compose["services"][service]["environment"].items()
     }
 
 
@@ -170,6 +172,108 @@ def test_the_image_command_migrates_and_serves_the_api(
         finally:
             process.terminate()
             process.wait(timeout=15)
+
+
+# The "scale" profile: app replicas behind HAProxy, on PostgreSQL through PgBouncer.
+
+SCALE_SERVICES = {"pgbouncer", "app-replica", "balancer"}
+
+
+def test_the_scale_profile_adds_its_services_and_leaves_the_default_alone(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+
+    assert {name for name, service in services.items() if "profiles" in service} == SCALE_SERVICES
+    for name in SCALE_SERVICES:
+        assert services[name]["profiles"] == ["scale"], name
+    # The app's replicas: the same image, at least two, started once the app has migrated.
+    replica = services["app-replica"]
+    assert replica["build"] == services["app"]["build"]
+    assert replica["deploy"]["replicas"] >= 2
+    assert replica["depends_on"]["app"]["condition"] == "service_healthy"
+    assert "ports" not in replica  # Reached through the balancer only.
+    assert "migrate" not in " ".join(replica["command"])
+    assert replica["healthcheck"] == services["app"]["healthcheck"]
+
+
+def test_the_replicas_reach_postgres_through_pgbouncer_with_the_pooler_switch_on(
+    compose: dict[str, Any],
+) -> None:
+    environment = compose_environment(compose, "app-replica", SECRET_KEY=STRONG_KEY)
+    url = urlsplit(environment["DATABASE_URL"])
+    settings = topology.pgbouncer_settings()
+    name, fields = topology.pgbouncer_database(settings)
+    pgbouncer = compose["services"]["pgbouncer"]
+    database_env = compose["services"]["db"]["environment"]
+    mounts = {volume.split(":")[0]: volume.split(":")[1] for volume in pgbouncer["volumes"]}
+    users = (ROOT / "deploy" / "userlist.txt").read_text().split()
+
+    assert environment["DB_POOLER"] == "pgbouncer"
+    assert (url.hostname, url.port, url.path) == ("pgbouncer", 6432, f"/{name}")
+    assert settings["pgbouncer"]["listen_port"] == "6432"
+    assert f'"{url.username}"' in users and f'"{url.password}"' in users
+    # PgBouncer serves the compose file's database, in transaction pooling.
+    assert (fields["host"], fields["port"]) == ("db", "5432")
+    assert fields["dbname"] == database_env["POSTGRES_DB"]
+    assert url.username == database_env["POSTGRES_USER"]
+    assert settings["pgbouncer"]["pool_mode"] == "transaction"
+    assert "statement_timeout" in fields["connect_query"]
+    assert mounts["./deploy/pgbouncer.ini"] == "/etc/pgbouncer/pgbouncer.ini"
+    assert mounts["./deploy/userlist.txt"] == settings["pgbouncer"]["auth_file"]
+    assert compose["services"]["pgbouncer"]["depends_on"]["db"]["condition"] == "service_healthy"
+
+
+def test_the_replicas_keep_the_apps_production_settings(compose: dict[str, Any]) -> None:
+    app = compose_environment(compose, SECRET_KEY=STRONG_KEY)
+    replica = compose_environment(compose, "app-replica", SECRET_KEY=STRONG_KEY)
+    differences = {"DATABASE_URL", "DB_POOLER", "NUM_PROXIES"}
+
+    assert {key: value for key, value in replica.items() if key not in differences} == {
+        key: value for key, value in app.items() if key not in differences
+    }
+    # HAProxy adds its own X-Forwarded-For entry after the proxy that ends TLS.
+    assert int(replica["NUM_PROXIES"]) == int(app["NUM_PROXIES"]) + 1
+    environment = {
+        **os.environ,
+        **replica,
+        "DATABASE_URL": os.environ["DATABASE_URL"],  # The compose file's "db" is not here.
+    }
+    done = run_manage(environment, "check", "--deploy", "--fail-level", "WARNING")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_balancer_spreads_over_the_replicas_checked_on_readyz(
+    compose: dict[str, Any], dockerfile: str
+) -> None:
+    balancer = compose["services"]["balancer"]
+    configuration = topology.HAPROXY_CONFIG.read_text()
+    template = re.search(r"^\s+server-template \S+ (\d+) ([\w-]+):(\d+)", configuration, re.M)
+    bind = re.search(r"^\s+bind :(\d+)$", configuration, re.M)
+
+    assert re.fullmatch(r"haproxy:2\.\d+", balancer["image"])
+    assert "./deploy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in balancer["volumes"]
+    assert template and bind, "deploy/haproxy.cfg has no server-template or bind line"
+    replicas, service, port = template.groups()
+    assert service == "app-replica"
+    assert f"PORT={port}" in dockerfile  # Where the image serves.
+    assert int(replicas) >= compose["services"]["app-replica"]["deploy"]["replicas"]
+    assert bind.group(1) == balancer["ports"][0].split(":")[-1]
+    assert re.search(r"^\s+balance roundrobin$", configuration, re.M)
+    assert re.search(r"^\s+option httpchk GET /readyz$", configuration, re.M)
+
+
+def test_haproxy_accepts_the_balancers_configuration() -> None:
+    checked = subprocess.run(
+        [topology.required_program("haproxy"), "-c", "-f", str(topology.HAPROXY_CONFIG)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "Configuration file is valid" in checked.stdout
 
 
 def environment_variables_read_by_the_service() -> set[str]:
