@@ -14,6 +14,7 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Tags, register
 from django.core.checks import Warning as CheckWarning
 from django.http import HttpRequest
+from redis.exceptions import RedisError
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.permissions import BasePermission
@@ -74,7 +75,8 @@ class ApiKeyAuthentication(BaseAuthentication):
 
 
 class ScopeRequired(BasePermission):
-    """A client key claims and reads; an admin key may also call the view's `admin_actions`."""
+    """An admin key may call everything; a client key only the view's `client_actions` (claim
+    and read): an action added later is an admin's until it is listed there."""
 
     message = "This API key's scope does not allow this call."
 
@@ -86,7 +88,7 @@ class ScopeRequired(BasePermission):
             return False  # No key: DRF answers 401, as no authenticator succeeded.
         if api_key.scope == api_key_model().Scope.ADMIN:
             return True
-        return getattr(view, "action", None) not in getattr(view, "admin_actions", ())
+        return getattr(view, "action", None) in getattr(view, "client_actions", ())
 
 
 class FixedWindowThrottle(SimpleRateThrottle):
@@ -99,6 +101,10 @@ class FixedWindowThrottle(SimpleRateThrottle):
     a window, up to twice the rate across the edge between two windows.
     """
 
+    # After the cache fails, the limits are not counted for this long: a Redis that does not
+    # answer would otherwise cost every request its socket timeout.
+    cache_rest_seconds = 5.0
+    cache_failed_at = float("-inf")
     cache_failure_reported_at = float("-inf")
 
     def get_rate(self) -> str | None:
@@ -115,13 +121,17 @@ class FixedWindowThrottle(SimpleRateThrottle):
         limit, period = self.parse_rate(self.rate)
         assert limit is not None and period is not None
         now = self.timer()
+        if now - FixedWindowThrottle.cache_failed_at < self.cache_rest_seconds:
+            return True
         window = int(now // period)
         key = f"{ident}:{window}"
         try:
             count = self.count(key, period)
-        except Exception as error:  # noqa: BLE001 - whatever the cache's client raises
-            # The cache is unreachable: let the request through rather than fail a sale
-            # because the limits cannot be counted, and say so (at most once a minute).
+        except (RedisError, OSError) as error:
+            # The cache is unreachable: let requests through rather than fail a sale because
+            # the limits cannot be counted, try it again after a rest, and say so (at most
+            # once a minute).
+            FixedWindowThrottle.cache_failed_at = now
             if now - FixedWindowThrottle.cache_failure_reported_at >= 60:
                 FixedWindowThrottle.cache_failure_reported_at = now
                 logger.warning("Rate limits not applied: the cache failed (%r).", error)

@@ -426,7 +426,10 @@ class ApiKeyAdmin(APIKeyModelAdmin):
     search_fields = ("name", "prefix")
     actions = ["revoke"]
 
-    @admin.action(description="Revoke the selected keys (refused from the next request on)")
+    @admin.action(
+        description="Revoke the selected keys (refused from the next request on)",
+        permissions=["change"],
+    )
     def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
         keys = list(queryset.filter(revoked=False))
         queryset.filter(pk__in=[key.pk for key in keys]).update(revoked=True)

@@ -112,8 +112,8 @@ class JSONApi:
 
     content_negotiation_class: type[BaseContentNegotiation] = AlwaysJSON
     parser_classes: Sequence[type[BaseParser]] = [BoundedJSONParser]
-    # The actions only an admin key may call when API_AUTH=required; a client key the rest.
-    admin_actions: frozenset[str] = frozenset()
+    # The actions a client key may call when API_AUTH=required; an admin key calls them all.
+    client_actions: frozenset[str] = frozenset()
 
     def perform_authentication(self, request: Request) -> None:
         """Leave the key unresolved until the permission or a throttle asks for it, as DRF
@@ -126,7 +126,8 @@ class CouponViewSet(JSONApi, mixins.ListModelMixin, viewsets.GenericViewSet[Coup
 
     queryset = Coupon.objects.all()
     serializer_class = CouponSerializer
-    admin_actions = frozenset({"create"})
+    # Creating coupons is an admin's.
+    client_actions = frozenset({"list", "retrieve", "claim", "details_of_coupon_named_claim"})
     pagination_class = NewestFirst
     filter_backends = [DjangoFilterBackend]
     filterset_class = CouponFilter
@@ -188,7 +189,7 @@ class CouponClaimViewSet(
     serializer_class = ClaimSerializer
     pagination_class = InClaimOrder
     # A checkout may look one claim up; listing a coupon's claims and revoking are operators'.
-    admin_actions = frozenset({"list", "destroy"})
+    client_actions = frozenset({"retrieve"})
     lookup_field = "user_id"
     # A user id may hold "/", percent-encoded in the path: the id runs to the path's end,
     # a trailing "/" included (this route tolerates none of its own).

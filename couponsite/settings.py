@@ -71,7 +71,8 @@ INSTALLED_APPS = [
     "django_filters",
     "drf_spectacular",
     "drf_spectacular_sidecar",
-    # Installed for its migrations only: coupons.ApiKey extends its abstract model.
+    # coupons.ApiKey extends its abstract model; its module also defines a concrete model,
+    # which needs the app installed (an unused table, kept out of the admin).
     "rest_framework_api_key",
     "axes",
     "coupons",

@@ -55,7 +55,8 @@ def test_compose_starts_postgres_before_the_app_on_port_8080(compose: dict[str, 
     assert "pg_isready" in " ".join(database["healthcheck"]["test"])
     assert app["depends_on"]["db"]["condition"] == "service_healthy"
     assert app["build"] == "."
-    assert "8080:8080" in app["ports"]
+    # On the host's loopback only: the proxy in front, and nobody else, reaches the app.
+    assert app["ports"] == ["127.0.0.1:8080:8080"]
 
 
 def test_compose_points_the_app_at_its_own_postgres(compose: dict[str, Any]) -> None:
@@ -81,7 +82,8 @@ def compose_environment(
     compose: dict[str, Any], service: str = "app", **given: str
 ) -> dict[str, str]:
     """A service's environment in the compose file, as compose resolves it: `${NAME:-default}`
-    takes its default unless given; `${NAME:?message}` must be given."""
+    takes its default unless given; `${NAME:?message}` must be given; a name without a value
+    is passed on from compose's own environment, here `given`, and left out when unset."""
 
     def resolve(match: re.Match[str]) -> str:
         name, kind, fallback = match.groups()
@@ -90,10 +92,23 @@ def compose_environment(
         assert kind == ":-", f"the compose file needs {name} ({fallback})"
         return str(fallback)
 
-    return {
+    environment = compose["services"][service]["environment"]
+    resolved = {
         key: re.sub(r"\$\{([A-Z_]+)(:-|:\?)([^}]*)\}", resolve, str(value))
-        for key, value in compose["services"][service]["environment"].items()
+        for key, value in environment.items()
+        if value is not None
     }
+    passed_on = {
+        key: given[key] for key, value in environment.items() if value is None and key in given
+    }
+    return {**resolved, **passed_on}
+
+
+def test_the_compose_file_sets_no_empty_value(compose: dict[str, Any]) -> None:
+    """An empty value is not an unset one: gunicorn, for one, stops on WEB_CONCURRENCY=''."""
+    for service in ["app", "app-replica"]:
+        environment = compose_environment(compose, service, SECRET_KEY=STRONG_KEY)
+        assert [key for key, value in environment.items() if value == ""] == [], service
 
 
 STRONG_KEY = "compose-" + "k7Qx" * 15
@@ -130,12 +145,12 @@ def test_the_image_command_migrates_and_serves_the_api(
     with live.postgres_database("coupons_image") as database_url:
         environment = {
             **os.environ,
-            **compose_environment(compose, SECRET_KEY=STRONG_KEY),
+            # As `WEB_CONCURRENCY=2 docker compose up` passes it on.
+            **compose_environment(compose, SECRET_KEY=STRONG_KEY, WEB_CONCURRENCY="2"),
             "DATABASE_URL": database_url,  # The compose file's, with our server for "db".
             "REDIS_URL": "redis://127.0.0.1:6379/0",
             "HOST": "127.0.0.1",
             "PORT": str(live.free_port()),
-            "WEB_CONCURRENCY": "2",
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         }
         process = subprocess.Popen(dockerfile_command(dockerfile), cwd=ROOT, env=environment)
