@@ -86,5 +86,19 @@ bench-compare: $(VENV)/.installed-runtime
 	@command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python bench/compare.py $(or $(REV),HEAD) --scenarios $(or $(SCENARIOS),B1$(,)B2)
 
+.PHONY: bench-latency bench-shards-db
+
+## bench-latency: one hot coupon with PostgreSQL 0, 0.5 and 2 ms away (a delaying proxy), then pgbench's
+## K-shard lock at those delays (about 3 and a half minutes); DELAYS=0,1 DURATION=20 (s) WORKERS=4 to change; see docs/scaling.md
+bench-latency: $(VENV)/.installed-runtime
+	@command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
+	$(BIN)/python bench/latency.py $(if $(DELAYS),--delays $(DELAYS)) \
+		$(if $(DURATION),--seconds $(DURATION)) $(if $(WORKERS),--workers $(WORKERS))
+
+## bench-shards-db: pgbench alone: one hot row against K = 1, 4, 16 stock shards at 0, 0.5 and 2 ms one-way
+## (about 2 minutes); DELAYS=… to change; see docs/scaling.md
+bench-shards-db: $(VENV)/.installed-runtime
+	$(BIN)/python bench/shards_db.py $(if $(DELAYS),--delays $(DELAYS))
+
 clean:
 	rm -rf $(VENV) staticfiles .pytest_cache

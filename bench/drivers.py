@@ -161,6 +161,7 @@ class PgbenchResult:
     tps: float
     transactions: int
     failed: int
+    latency_ms: float | None = None  # pgbench's "latency average"
 
 
 def _pgbench_number(pattern: str, output: str) -> float:
@@ -178,8 +179,11 @@ def run_pgbench(
     clients: int,
     seconds: int,
     variables: dict[str, str],
+    script: str = "claim.pgbench",
+    protocol: str = "simple",
 ) -> PgbenchResult:
-    """Run bench/claim.pgbench against database_url and return its throughput."""
+    """Run a pgbench script of bench/ (B4's by default) against database_url and return its
+    throughput."""
     command = [
         tools.pgbench,
         "--no-vacuum",
@@ -189,8 +193,10 @@ def run_pgbench(
         "2",
         "--time",
         str(seconds),
+        "--protocol",
+        protocol,
         "--file",
-        "claim.pgbench",
+        script,
     ]
     for name, value in variables.items():
         command += ["--define", f"{name}={value}"]
@@ -204,4 +210,5 @@ def run_pgbench(
         tps=_pgbench_number(r"tps =", output),
         transactions=int(_pgbench_number(r"number of transactions actually processed:", output)),
         failed=int(_pgbench_number(r"number of failed transactions:", output)),
+        latency_ms=_pgbench_number(r"latency average =", output),
     )

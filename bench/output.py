@@ -260,3 +260,65 @@ def write_chart(
     """Write the chart as an SVG file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(chart(summary, sizes, caption))
+
+
+# Grouped bars, for the scaling charts (docs/scaling.md)
+
+SERIES_COLOURS = ["#59a14f", "#4e79a7", "#f28e2b", "#b07aa1", "#9e9e9e"]
+
+
+def grouped_bar_chart(
+    title: str,
+    groups: list[str],
+    series: dict[str, list[float | None]],
+    axis_label: str,
+    caption: str,
+) -> str:
+    """Return an SVG of bars, a group per label in groups, a bar per series (in the order
+    given, coloured from SERIES_COLOURS); a missing value (None) leaves a gap marked "—"."""
+    group_width = max(150, 60 * len(series))
+    width = LEFT + group_width * len(groups) + 20
+    height = TOP + PANEL_HEIGHT + BOTTOM + 20 + 18 * len(series)
+    values = [value for figures in series.values() for value in figures if value is not None]
+    scale = PANEL_HEIGHT / (max([1.0, *values]) * 1.15)
+    bar_width = group_width * 0.8 / len(series)
+    axis_y = TOP + PANEL_HEIGHT
+    parts = [
+        f'<text x="{width / 2:.1f}" y="28" text-anchor="middle" font-size="14" '
+        f'font-weight="bold">{escape(title)}</text>',
+        f'<line x1="{LEFT}" y1="{axis_y}" x2="{width - 20}" y2="{axis_y}" stroke="#333"/>',
+        f'<text x="16" y="{TOP + PANEL_HEIGHT / 2:.1f}" font-size="12" text-anchor="middle" '
+        f'transform="rotate(-90 16 {TOP + PANEL_HEIGHT / 2:.1f})">{escape(axis_label)}</text>',
+    ]
+    for index, group in enumerate(groups):
+        start = LEFT + index * group_width + group_width * 0.1
+        for position, figures in enumerate(series.values()):
+            x = start + position * bar_width
+            colour = SERIES_COLOURS[position % len(SERIES_COLOURS)]
+            value = figures[index]
+            if value is None:
+                parts.append(
+                    f'<text x="{x + bar_width * 0.45:.1f}" y="{axis_y - 4}" '
+                    f'text-anchor="middle" font-size="11" fill="#777">—</text>'
+                )
+            else:
+                parts.append(_bar(x, value, scale, bar_width * 0.9, colour))
+        parts.append(
+            f'<text x="{start + group_width * 0.4:.1f}" y="{axis_y + 18}" '
+            f'text-anchor="middle" font-size="12">{escape(group)}</text>'
+        )
+    for position, name in enumerate(series):
+        y = axis_y + 45 + 18 * position
+        colour = SERIES_COLOURS[position % len(SERIES_COLOURS)]
+        parts.append(
+            f'<rect x="{LEFT}" y="{y - 10}" width="12" height="12" fill="{colour}"/>'
+            f'<text x="{LEFT + 18}" y="{y}" font-size="12">{escape(name)}</text>'
+        )
+    parts.append(
+        f'<text x="{LEFT}" y="{height - 8}" font-size="11" fill="#555">{escape(caption)}</text>'
+    )
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height}" '
+        f'viewBox="0 0 {width:.0f} {height}" font-family="sans-serif">'
+        f'<rect width="100%" height="100%" fill="white"/>{"".join(parts)}</svg>\n'
+    )
