@@ -5,6 +5,7 @@ from typing import Any
 
 import pytest
 from django.test import Client
+from django.urls import resolve
 from drf_spectacular.validation import validate_schema
 
 from coupons import errors
@@ -78,3 +79,17 @@ def test_the_documentation_page_loads_its_scripts_from_this_server() -> None:
     assert response.status_code == 200
     assert "/static/drf_spectacular_sidecar/" in html
     assert not re.search(r"""(src|href)=["']https?://""", html), "a script or style from a CDN"
+
+
+def test_every_call_documents_the_refusals_of_keys_and_rates_as_access_enforces_them(
+    schema: dict[str, Any],
+) -> None:
+    for path, methods in schema["paths"].items():
+        match = resolve(path.replace("{name}", "PROMO").replace("{user_id}", "u1"))
+        for method, operation in methods.items():
+            action = match.func.actions[method]  # type: ignore[attr-defined]
+            client_may = action in match.func.cls.client_actions  # type: ignore[attr-defined]
+            documented = set(operation["responses"])
+            assert {"401", "429"} <= documented, (method, path)
+            # 403 for its scope exactly where coupons/access.py refuses a client key.
+            assert ("403" in documented) is not client_may, (method, path, action)
