@@ -154,14 +154,33 @@ def gunicorn(
         wait_until_serving(server, ready_status=ready_status)
         yield server
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
         if log_file:
             log_file.close()
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop a process a test started, by its pid, waiting for it; kill it if it lingers."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def run_manage(environment: dict[str, str], *arguments: str) -> subprocess.CompletedProcess[str]:
+    """Run `manage.py` with the service's settings from environment; its output as text."""
+    return subprocess.run(
+        [sys.executable, "manage.py", *arguments],
+        cwd=PROJECT_DIR,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def wait_until_serving(server: LiveServer, *, timeout: float = 30, ready_status: int = 404) -> None:

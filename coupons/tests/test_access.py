@@ -437,10 +437,7 @@ def test_over_http_a_revoked_key_is_refused_at_once_by_every_worker(
     environment = {**postgres_environment, "API_AUTH": "required"}
 
     def manage(*arguments: str) -> str:
-        command = [sys.executable, "manage.py", *arguments]
-        done = subprocess.run(
-            command, cwd=live.PROJECT_DIR, env=environment, capture_output=True, text=True
-        )
+        done = live.run_manage(environment, *arguments)
         assert done.returncode == 0, done.stderr
         return done.stdout
 

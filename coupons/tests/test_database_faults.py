@@ -699,18 +699,7 @@ except DatabaseError as error:
 
 def django_shell(environment: dict[str, str], script: str) -> str:
     """Run the script in `manage.py shell`, with the service's settings from environment."""
-    import subprocess
-    import sys
-
-    finished = subprocess.run(
-        [sys.executable, "manage.py", "shell", "-c", script],
-        cwd=live.PROJECT_DIR,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    finished = live.run_manage(environment, "shell", "-c", script)
     assert finished.returncode == 0, finished.stderr
     return finished.stdout
 

@@ -125,7 +125,7 @@ def test_check_deploy_is_clean_under_the_compose_configuration(compose: dict[str
         **compose_environment(compose, SECRET_KEY=STRONG_KEY),
         "DATABASE_URL": os.environ["DATABASE_URL"],  # The compose file's "db" is not here.
     }
-    done = run_manage(environment, "check", "--deploy", "--fail-level", "WARNING")
+    done = live.run_manage(environment, "check", "--deploy", "--fail-level", "WARNING")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "no issues" in done.stdout
 
@@ -133,7 +133,7 @@ def test_check_deploy_is_clean_under_the_compose_configuration(compose: dict[str
 def test_check_deploy_warns_about_an_open_api_and_plain_http() -> None:
     environment = {**os.environ, "SECRET_KEY": STRONG_KEY, "API_AUTH": "off"}
     environment.pop("HTTPS_ONLY", None)
-    done = run_manage(environment, "check", "--deploy")
+    done = live.run_manage(environment, "check", "--deploy")
     for warning in ["coupons.W001", "security.W008", "security.W012", "security.W004"]:
         assert warning in done.stderr, warning
 
@@ -158,7 +158,9 @@ def test_the_image_command_migrates_and_serves_the_api(
         try:
             # Plain HTTP is sent to HTTPS, as the compose file asks.
             live.wait_until_serving(server, timeout=60, ready_status=301)
-            made = run_manage(environment, "create_api_key", "--scope", "admin", "--name", "shop")
+            made = live.run_manage(
+                environment, "create_api_key", "--scope", "admin", "--name", "shop"
+            )
             assert made.returncode == 0, made.stderr
             # As the proxy in front sends them: over HTTPS, with the shop's key.
             headers = {
@@ -254,7 +256,7 @@ def test_the_replicas_keep_the_apps_production_settings(compose: dict[str, Any])
         **replica,
         "DATABASE_URL": os.environ["DATABASE_URL"],  # The compose file's "db" is not here.
     }
-    done = run_manage(environment, "check", "--deploy", "--fail-level", "WARNING")
+    done = live.run_manage(environment, "check", "--deploy", "--fail-level", "WARNING")
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -307,17 +309,6 @@ def test_the_readme_documents_every_environment_variable() -> None:
     assert sorted(name for name in variables if f"`{name}`" not in readme) == []
 
 
-def run_manage(environment: dict[str, str], *arguments: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "manage.py", *arguments],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_make_run_creates_the_database_it_is_pointed_at_when_missing() -> None:
     # As `DATABASE_URL=postgres://.../coupons make run` on a fresh server: the database is
     # made, then migrated; a second run finds it and says nothing.
@@ -325,9 +316,9 @@ def test_make_run_creates_the_database_it_is_pointed_at_when_missing() -> None:
         missing_url = existing_url + "_missing"
         environment = live.environment_for(missing_url)
         try:
-            first = run_manage(environment, "create_database")
-            second = run_manage(environment, "create_database")
-            migrated = run_manage(environment, "migrate", "--noinput", "-v", "0")
+            first = live.run_manage(environment, "create_database")
+            second = live.run_manage(environment, "create_database")
+            migrated = live.run_manage(environment, "migrate", "--noinput", "-v", "0")
         finally:
             server = urlsplit(existing_url)._replace(path="/postgres").geturl()
             with psycopg.connect(server, autocommit=True) as admin:
@@ -341,7 +332,7 @@ def test_make_run_creates_the_database_it_is_pointed_at_when_missing() -> None:
 def test_an_unreachable_database_server_is_one_clear_line() -> None:
     nothing_listens = f"postgres://postgres@127.0.0.1:{live.free_port()}/coupons"
 
-    result = run_manage(live.environment_for(nothing_listens), "create_database")
+    result = live.run_manage(live.environment_for(nothing_listens), "create_database")
 
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1, result.stderr

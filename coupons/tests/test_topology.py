@@ -193,15 +193,7 @@ print(json.dumps(seen))
 
 
 def app_sessions(environment: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "manage.py", "shell", "-c", SESSION_SETTINGS],
-        cwd=live.PROJECT_DIR,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return live.run_manage(environment, "shell", "-c", SESSION_SETTINGS)
 
 
 def test_behind_pgbouncer_every_session_the_app_lands_on_has_its_timeouts(

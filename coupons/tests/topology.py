@@ -8,7 +8,6 @@ import io
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -44,17 +43,6 @@ def required_program(name: str) -> str:
             pytrace=False,
         )
     return found
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop a process this module started, by its pid, waiting for it."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def private_directory(prefix: str) -> Path:
@@ -149,7 +137,7 @@ def pgbouncer(database_url: str, **overrides: str) -> Iterator[PgBouncer]:
         wait_until_accepting(bouncer)
         yield bouncer
     finally:
-        stop(process)
+        live.stop(process)
         shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -220,7 +208,7 @@ def haproxy(servers: Sequence[live.LiveServer]) -> Iterator[live.LiveServer]:
             time.sleep(0.1)
         yield live.LiveServer("127.0.0.1", port, process)
     finally:
-        stop(process)
+        live.stop(process)
         shutil.rmtree(directory, ignore_errors=True)
 
 
