@@ -170,7 +170,9 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-def run_manage(environment: dict[str, str], *arguments: str) -> subprocess.CompletedProcess[str]:
+def run_manage(
+    environment: dict[str, str], *arguments: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     """Run `manage.py` with the service's settings from environment; its output as text."""
     return subprocess.run(
         [sys.executable, "manage.py", *arguments],
@@ -178,7 +180,7 @@ def run_manage(environment: dict[str, str], *arguments: str) -> subprocess.Compl
         env=environment,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         check=False,
     )
 
@@ -335,15 +337,7 @@ def claim_history_problems(
         )
     if not run_audit:
         return problems
-    audit = subprocess.run(
-        [sys.executable, "manage.py", "audit_coupons"],
-        cwd=PROJECT_DIR,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    audit = run_manage(environment, "audit_coupons", timeout=120)
     if audit.returncode != 0:
         problems.append(f"audit_coupons exited with {audit.returncode}: {audit.stderr.strip()}")
     return problems
