@@ -152,7 +152,7 @@ def service_env(database_url: str, port: int) -> dict[str, str]:
     return env
 
 
-def _run_python(arguments: list[str], env: dict[str, str]) -> str:
+def run_python(arguments: list[str], env: dict[str, str]) -> str:
     """Run the project's Python with arguments in the repository; return its output."""
     done = subprocess.run(
         [sys.executable, *arguments],
@@ -169,12 +169,12 @@ def _run_python(arguments: list[str], env: dict[str, str]) -> str:
 
 def migrate(env: dict[str, str]) -> None:
     """Create the schema with the project's migrations."""
-    _run_python(["manage.py", "migrate", "--noinput"], env)
+    run_python(["manage.py", "migrate", "--noinput"], env)
 
 
 def gunicorn_settings(env: dict[str, str]) -> dict[str, str]:
     """Return the settings gunicorn resolves from gunicorn.conf.py and env (workers, threads…)."""
-    output = _run_python(["-m", "gunicorn", "-c", "gunicorn.conf.py", "--print-config"], env)
+    output = run_python(["-m", "gunicorn", "-c", "gunicorn.conf.py", "--print-config"], env)
     settings = {}
     for line in output.splitlines():
         name, sep, value = line.partition("=")

@@ -70,6 +70,7 @@ from harness import (
     migrate,
     process,
     processes,
+    run_python,
     running_service,
     service_env,
 )
@@ -110,16 +111,8 @@ def create_coupon(api: Api, name: str, stock: int) -> None:
 def count_round_trips(database_url: str) -> dict[str, Any]:
     """A winning claim's round trips, from bench/claim_round_trips.py (in a process of its
     own: it imports the service)."""
-    done = subprocess.run(
-        [sys.executable, "claim_round_trips.py", "--database-url", database_url, "--json"],
-        cwd=BENCH_DIR,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise BenchError(f"claim_round_trips.py failed:\n{done.stdout}{done.stderr}")
-    return dict(json.loads(done.stdout))
+    arguments = ["bench/claim_round_trips.py", "--database-url", database_url, "--json"]
+    return dict(json.loads(run_python(arguments, dict(os.environ))))
 
 
 def probe_round_trip(database_url: str) -> dict[str, float]:
