@@ -16,6 +16,7 @@ from django.contrib.admin.models import CHANGE, DELETION, LogEntry
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.core.exceptions import PermissionDenied
 from django.db.models import F, Q, QuerySet
+from django.db.models.lookups import Exact, GreaterThan
 from django.http import (
     HttpRequest,
     HttpResponse,
@@ -33,7 +34,7 @@ from rest_framework_api_key.models import APIKey as LibraryApiKey
 
 from coupons import services
 from coupons.errors import AmountBelowClaimed
-from coupons.models import ApiKey, ClaimHistory, Coupon
+from coupons.models import STOCK_LEFT, ApiKey, ClaimHistory, Coupon
 
 
 def moment(value: datetime.datetime | None) -> str:
@@ -70,9 +71,9 @@ class SaleFilter(admin.SimpleListFilter):
         open_ = started & (Q(ends_at__isnull=True) | Q(ends_at__gt=now))
         match self.value():
             case "on_sale":
-                return queryset.filter(open_, remaining_amount__gt=0)
+                return queryset.filter(open_, GreaterThan(STOCK_LEFT, 0))
             case "sold_out":
-                return queryset.filter(open_, remaining_amount=0)
+                return queryset.filter(open_, Exact(STOCK_LEFT, 0))
             case "not_started":
                 return queryset.filter(starts_at__gt=now)
             case "ended":
@@ -83,7 +84,7 @@ class SaleFilter(admin.SimpleListFilter):
 class CouponAdminForm(forms.ModelForm[Coupon]):
     class Meta:
         model = Coupon
-        fields = ["name", "amount", "starts_at", "ends_at"]
+        fields = ["name", "amount", "stock_shards", "starts_at", "ends_at"]
 
     def clean_amount(self) -> int:
         amount: int = self.cleaned_data["amount"]
@@ -145,7 +146,7 @@ class CouponAdmin(admin.ModelAdmin[Coupon]):
     list_display = [
         "name",
         "amount",
-        "remaining_amount",
+        "remaining",
         "claimed",
         "share_sold",
         "sale",
@@ -155,16 +156,25 @@ class CouponAdmin(admin.ModelAdmin[Coupon]):
     ]
     list_filter = [SaleFilter, "created_at"]
     search_fields = ["name"]
-    readonly_fields = ["remaining_amount", "claimed", "share_sold", "sale", "created", "updated"]
+    readonly_fields = ["remaining", "claimed", "share_sold", "sale", "created", "updated"]
     date_hierarchy = "created_at"
     ordering = ["-created_at", "-id"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Coupon]:
+        coupons: QuerySet[Coupon] = super().get_queryset(request).with_stock()  # type: ignore[attr-defined]
+        return coupons
 
     def get_readonly_fields(self, request: HttpRequest, obj: Coupon | None = None) -> list[str]:
         # Shops address a coupon by its name, so it is fixed once created.
         # A coupon being added has no stock or claims to show yet.
         return [*self.readonly_fields, "name"] if obj else []
 
-    @admin.display(description="claimed", ordering=F("amount") - F("remaining_amount"))
+    @admin.display(description="remaining amount", ordering=STOCK_LEFT)
+    def remaining(self, coupon: Coupon) -> int:
+        # On the row, or summed over the stock shards.
+        return coupon.stock_left
+
+    @admin.display(description="claimed", ordering=F("amount") - STOCK_LEFT)
     def claimed(self, coupon: Coupon) -> str:
         # A bar of the share claimed, and the count, linking to the coupon's claims.
         claims = reverse("admin:coupons_claimhistory_changelist")
@@ -215,7 +225,7 @@ class CouponAdmin(admin.ModelAdmin[Coupon]):
 
     def activity_view(self, request: HttpRequest, coupon_id: int) -> HttpResponse:
         """The coupon's numbers and its chart of claims, which the change page refreshes."""
-        coupon = get_object_or_404(Coupon, pk=coupon_id)
+        coupon = get_object_or_404(self.get_queryset(request), pk=coupon_id)
         if not self.has_view_permission(request, coupon):
             raise PermissionDenied
         return TemplateResponse(
@@ -260,16 +270,27 @@ class CouponAdmin(admin.ModelAdmin[Coupon]):
     def save_model(self, request: HttpRequest, obj: Coupon, form: Any, change: bool) -> None:
         if not change:
             saved = services.create_coupon(
-                name=obj.name, amount=obj.amount, starts_at=obj.starts_at, ends_at=obj.ends_at
+                name=obj.name,
+                amount=obj.amount,
+                starts_at=obj.starts_at,
+                ends_at=obj.ends_at,
+                stock_shards=obj.stock_shards,
             )
         else:
+            # One transaction (the admin's): the changes land together, under the locks the
+            # first one takes.
             saved = services.change_coupon_amount(coupon_id=obj.pk, amount=obj.amount)
+            if "stock_shards" in form.changed_data:
+                saved = services.change_stock_shards(
+                    coupon_id=obj.pk, stock_shards=obj.stock_shards
+                )
             if {"starts_at", "ends_at"} & set(form.changed_data):
                 saved = services.change_sale_window(
                     coupon_id=obj.pk, starts_at=obj.starts_at, ends_at=obj.ends_at
                 )
         obj.pk = saved.pk
         obj.remaining_amount = saved.remaining_amount
+        obj.shard_stock = saved.shard_stock
         obj.created_at = saved.created_at
         obj.updated_at = saved.updated_at
 

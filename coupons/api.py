@@ -124,7 +124,7 @@ class JSONApi:
 class CouponViewSet(JSONApi, mixins.ListModelMixin, viewsets.GenericViewSet[Coupon]):
     """Create coupons, list them, claim them, and read their state."""
 
-    queryset = Coupon.objects.all()
+    queryset = Coupon.objects.with_stock()
     serializer_class = CouponSerializer
     # Creating coupons is an admin's.
     client_actions = frozenset({"list", "retrieve", "claim", "details_of_coupon_named_claim"})

@@ -1,7 +1,8 @@
 """A claim's write in one statement on PostgreSQL: the one hand-written write of the service.
 
-Inside the claim's transaction, under the coupon's row lock, the ORM writes a claim in two
-statements: the claim's INSERT and the stock's UPDATE. Every shopper of the coupon waits
+Inside the claim's transaction, under the lock of the row that holds the unit (the
+coupon's, or one of its stock shards), the ORM writes a claim in two statements: the
+claim's INSERT and the stock's UPDATE. Every shopper of the coupon (or of the shard) waits
 on that lock, so each round trip inside it, and the worker's CPU to build each statement,
 is paid by the whole queue. One statement does both writes here, with a data-modifying
 WITH: a round trip and two ORM statement builds less while the lock is held.
@@ -23,7 +24,7 @@ from django.db import connections, models, router
 from django.db.models import F
 
 if TYPE_CHECKING:
-    from coupons.models import ClaimHistory, Coupon
+    from coupons.models import ClaimHistory, Coupon, StockShard
 
 
 class OneStatementClaimWrite(models.QuerySet["ClaimHistory"]):
@@ -36,14 +37,20 @@ class OneStatementClaimWrite(models.QuerySet["ClaimHistory"]):
         user_id: str,
         claimed_at: datetime.datetime,
         idempotency_key: str | None = None,
-    ) -> "ClaimHistory":
-        """Record the user's claim, made at claimed_at, and take its unit from the stock.
+        shard: "StockShard | None" = None,
+    ) -> "tuple[ClaimHistory, datetime.datetime | None]":
+        """Record the user's claim, made at claimed_at, and take its unit from the stock:
+        the coupon's row, or the shard given.
 
-        Call it inside the claim's transaction, holding the coupon's row lock, once the
-        checks have passed: claim ids then follow commit order.
+        Call it inside the claim's transaction, holding the lock on the row that holds the
+        unit (the coupon's, or the shard's), once the checks have passed. Return the claim
+        and, for a shard's unit, the coupon's `updated_at` as this statement saw it: the
+        coupon's row, which the claim did not lock, may have been changed by an operator
+        since the lock's statement read it (None for a unit of the coupon's row).
         """
         using = router.db_for_write(self.model)
         connection = connections[using]
+        stock: Any = shard if shard is not None else coupon
         if connection.vendor != "postgresql":
             claim = self.using(using).create(
                 coupon=coupon,
@@ -51,27 +58,46 @@ class OneStatementClaimWrite(models.QuerySet["ClaimHistory"]):
                 claimed_at=claimed_at,
                 idempotency_key=idempotency_key,
             )
-            type(coupon).objects.using(using).filter(pk=coupon.pk).update(
-                remaining_amount=F("remaining_amount") - 1, updated_at=claim.claimed_at
+            type(stock).objects.using(using).filter(pk=stock.pk).update(
+                remaining_amount=F("remaining_amount") - 1
             )
-            return claim
+            if shard is None:
+                type(coupon).objects.using(using).filter(pk=coupon.pk).update(updated_at=claimed_at)
+                return claim, None
+            versions = type(coupon).objects.using(using).values_list("updated_at", flat=True)
+            return claim, versions.get(pk=coupon.pk)
         quote = connection.ops.quote_name
+        coupons = quote(coupon._meta.db_table)
+        # A claim moves the coupon's updated_at only where it takes the unit from the
+        # coupon's row: a shard's claim leaves that row, which every shard shares, alone,
+        # and reads it in this statement, which began once the shard was locked.
+        if shard is None:
+            moved, seen = ", updated_at = %(claimed_at)s", "NULL"
+        else:
+            moved, seen = "", f"(SELECT updated_at FROM {coupons} WHERE id = %(coupon)s)"
         sql = f"""
             WITH unit AS (
-                UPDATE {quote(coupon._meta.db_table)}
-                SET remaining_amount = remaining_amount - 1, updated_at = %s
-                WHERE id = %s
+                UPDATE {quote(stock._meta.db_table)}
+                SET remaining_amount = remaining_amount - 1{moved}
+                WHERE id = %(stock)s
                 RETURNING id
             )
             INSERT INTO {quote(self.model._meta.db_table)}
                 (coupon_id, user_id, idempotency_key, claimed_at)
-            SELECT id, %s, %s, %s FROM unit
-            RETURNING id
+            SELECT %(coupon)s, %(user_id)s, %(key)s, %(claimed_at)s FROM unit
+            RETURNING id, {seen}
         """
+        parameters = {
+            "stock": stock.pk,
+            "coupon": coupon.pk,
+            "user_id": user_id,
+            "key": idempotency_key,
+            "claimed_at": claimed_at,
+        }
         with connection.cursor() as cursor:
-            cursor.execute(sql, [claimed_at, coupon.pk, user_id, idempotency_key, claimed_at])
+            cursor.execute(sql, parameters)
             row: Any = cursor.fetchone()
-        (claim_id,) = row
+        claim_id, version = row
         claim = self.model(
             id=claim_id,
             coupon=coupon,
@@ -80,4 +106,4 @@ class OneStatementClaimWrite(models.QuerySet["ClaimHistory"]):
             claimed_at=claimed_at,
         )
         claim._state.adding, claim._state.db = False, using  # As if read from the database.
-        return claim
+        return claim, version

@@ -23,12 +23,16 @@ byte, on PostgreSQL and SQLite).
 from django.db import DEFAULT_DB_ALIAS, connections
 from rest_framework.renderers import JSONRenderer
 
-from coupons.models import ClaimHistory, Coupon
+from coupons.models import ClaimHistory, Coupon, StockShard
 
 # "h.id > 0", true of every claim, lets the claims be read in claim order through
-# claim_coupon_order_idx (see ClaimHistory.Meta). One statement: one snapshot.
+# claim_coupon_order_idx (see ClaimHistory.Meta). One statement: one snapshot, of the claims
+# and of the stock left, on the coupon's row or in its shards (Coupon.stock_left).
+_SHARD_STOCK = (
+    "COALESCE((SELECT sum(s.remaining_amount) FROM {shards} s WHERE s.coupon_id = c.id), 0)"
+)
 _POSTGRESQL = """
-    SELECT c.name, c.amount, c.remaining_amount, array_to_json(ARRAY(
+    SELECT c.name, c.amount, c.remaining_amount + {shard_stock}, array_to_json(ARRAY(
         SELECT h.user_id FROM {claims} h WHERE h.coupon_id = c.id AND h.id > 0 ORDER BY h.id
     ))::text
     FROM {coupons} c WHERE c.name = %s
@@ -36,7 +40,7 @@ _POSTGRESQL = """
 # SQLite before 3.44 has no ORDER BY inside an aggregate; it aggregates an ordered
 # subquery in that order.
 _SQLITE = """
-    SELECT c.name, c.amount, c.remaining_amount, (
+    SELECT c.name, c.amount, c.remaining_amount + {shard_stock}, (
         SELECT json_group_array(user_id) FROM (
             SELECT h.user_id FROM {claims} h WHERE h.coupon_id = c.id AND h.id > 0
             ORDER BY h.id
@@ -51,9 +55,13 @@ def details_document(name: str, *, using: str = DEFAULT_DB_ALIAS) -> bytes | Non
     connection = connections[using]
     sql = _POSTGRESQL if connection.vendor == "postgresql" else _SQLITE
     with connection.cursor() as cursor:
-        cursor.execute(
-            sql.format(coupons=Coupon._meta.db_table, claims=ClaimHistory._meta.db_table), [name]
-        )
+        tables = {
+            "coupons": Coupon._meta.db_table,
+            "claims": ClaimHistory._meta.db_table,
+            "shards": StockShard._meta.db_table,
+        }
+        shard_stock = _SHARD_STOCK.format(**tables)
+        cursor.execute(sql.format(shard_stock=shard_stock, **tables), [name])
         row = cursor.fetchone()
     if row is None:
         return None

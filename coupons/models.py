@@ -9,9 +9,10 @@ from typing import Any
 
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import connections, models
-from django.db.models import BooleanField, Count, Exists, F, OuterRef, Q
+from django.db.models import BooleanField, Count, Exists, F, OuterRef, Q, Subquery, Sum
 from django.db.models.expressions import RawSQL
-from django.db.models.functions import Trunc
+from django.db.models.functions import Coalesce, Trunc
+from django.db.models.lookups import Exact, GreaterThan
 from django.utils import timezone
 from rest_framework_api_key.models import AbstractAPIKey
 
@@ -19,6 +20,8 @@ from coupons.claim_write import OneStatementClaimWrite
 from coupons.errors import AmountBelowClaimed, SaleEnded, SaleNotStarted
 
 MAX_AMOUNT = 2_147_483_647
+# Rows a coupon's stock may be split over (docs/scaling.md, "Stock shards").
+MAX_STOCK_SHARDS = 64
 
 # Unicode control characters (C0, DEL and C1), NUL among them: invisible, and some cannot be
 # stored or logged safely.
@@ -73,22 +76,40 @@ class NameField(models.CharField[str, str]):
         )
 
 
+# The stock left of coupons read with CouponQuerySet.with_stock(), to filter and order on: one
+# of the two is always 0, as the stock is on the row or in the shards (Coupon.stock_left).
+STOCK_LEFT = F("remaining_amount") + F("shard_stock")
+
+
 class CouponQuerySet(models.QuerySet["Coupon"]):
+    def with_stock(self) -> "CouponQuerySet":
+        """Annotate each coupon with `shard_stock`, the stock left in its StockShard rows,
+        read in the same statement as the row (one snapshot: see Coupon.stock_left)."""
+        in_shards = (
+            StockShard.objects.filter(coupon=OuterRef("pk"))
+            .values("coupon")
+            .annotate(stock=Sum("remaining_amount"))
+            .values("stock")
+        )
+        shard_stock = Coalesce(Subquery(in_shards), 0)
+        return self.annotate(shard_stock=shard_stock)  # type: ignore[no-redef]  # Typed on Coupon.
+
     def sold_out(self, sold_out: bool = True) -> "CouponQuerySet":
         """Coupons with no stock left (or, with False, with some)."""
-        return self.filter(remaining_amount=0) if sold_out else self.filter(remaining_amount__gt=0)
+        coupons = self.with_stock()
+        return coupons.filter(Exact(STOCK_LEFT, 0) if sold_out else GreaterThan(STOCK_LEFT, 0))
 
     def live(self, now: datetime.datetime) -> "CouponQuerySet":
         """Coupons open for claims at `now`: inside their sale window, with stock left."""
-        return self.filter(self._live_condition(now))
+        return self.with_stock().filter(self._live_condition(now))
 
     def not_live(self, now: datetime.datetime) -> "CouponQuerySet":
-        return self.exclude(self._live_condition(now))
+        return self.with_stock().exclude(self._live_condition(now))
 
     @staticmethod
     def _live_condition(now: datetime.datetime) -> Q:
         return (
-            Q(remaining_amount__gt=0)
+            Q(GreaterThan(STOCK_LEFT, 0))
             & (Q(starts_at__isnull=True) | Q(starts_at__lte=now))
             & (Q(ends_at__isnull=True) | Q(ends_at__gt=now))
         )
@@ -108,8 +129,19 @@ class Coupon(models.Model):
         validators=[MinValueValidator(1), MaxValueValidator(MAX_AMOUNT)],
     )
     # A stored counter, decremented in the claim's transaction: a claim costs the same
-    # whether 5 or 500,000 claims were made before it.
-    remaining_amount = models.PositiveIntegerField(help_text="Stock left to claim.")
+    # whether 5 or 500,000 claims were made before it. With more than one stock shard the
+    # counters are the shards' and this one stays 0 (coupon_stock_on_row_or_in_shards).
+    remaining_amount = models.PositiveIntegerField(
+        help_text="Stock left to claim on this row (all of it, with one stock shard)."
+    )
+    stock_shards = models.PositiveSmallIntegerField(
+        default=1,
+        validators=[MinValueValidator(1), MaxValueValidator(MAX_STOCK_SHARDS)],
+        help_text=(
+            "Rows the stock is split over, from 1 to 64: up to this many claims take a unit "
+            "at once. Raise it for a hot coupon when the database is a network hop away."
+        ),
+    )
     # The sale window: claims are taken from starts_at (at once if empty) until ends_at
     # (never closing if empty).
     starts_at = models.DateTimeField(
@@ -121,8 +153,9 @@ class Coupon(models.Model):
 
     objects = CouponQuerySet.as_manager()
 
-    # Present when the queryset annotated it (with_holder).
+    # Present when the queryset annotated them (with_holder, with_stock).
     held: bool
+    shard_stock: int
 
     class Meta:
         constraints = [
@@ -137,6 +170,17 @@ class Coupon(models.Model):
                 violation_error_message="The stock left must be from 0 to the amount.",
             ),
             models.CheckConstraint(
+                condition=Q(stock_shards__gte=1) & Q(stock_shards__lte=MAX_STOCK_SHARDS),
+                name="coupon_stock_shards_in_range",
+                violation_error_message=f"Stock shards must be from 1 to {MAX_STOCK_SHARDS}.",
+            ),
+            # The stock is counted in one place: on the row, or in the StockShard rows.
+            models.CheckConstraint(
+                condition=Q(stock_shards=1) | Q(remaining_amount=0),
+                name="coupon_stock_on_row_or_in_shards",
+                violation_error_message="A coupon with stock shards keeps no stock on its row.",
+            ),
+            models.CheckConstraint(
                 condition=Q(starts_at__isnull=True)
                 | Q(ends_at__isnull=True)
                 | Q(ends_at__gt=F("starts_at")),
@@ -149,13 +193,26 @@ class Coupon(models.Model):
         return self.name
 
     @property
+    def stock_left(self) -> int:
+        """The stock left to claim, the API's `remaining_amount`: the row's counter with one
+        stock shard, else the sum of the shards, read with the row (with_stock())."""
+        if self.stock_shards == 1:
+            return self.remaining_amount
+        try:
+            return self.shard_stock
+        except AttributeError:
+            raise AttributeError(
+                "A coupon with stock shards must be read with Coupon.objects.with_stock()."
+            ) from None
+
+    @property
     def claimed_count(self) -> int:
-        # Exact because every claim and revocation moves the counter in the same transaction.
-        return self.amount - self.remaining_amount
+        # Exact because every claim and revocation moves a counter in the same transaction.
+        return self.amount - self.stock_left
 
     @property
     def is_sold_out(self) -> bool:
-        return self.remaining_amount == 0
+        return self.stock_left == 0
 
     def check_sale_window(self, now: datetime.datetime) -> None:
         """Raise SaleNotStarted or SaleEnded if claims are not taken at `now`."""
@@ -175,6 +232,67 @@ class Coupon(models.Model):
             raise AmountBelowClaimed(
                 f"The amount cannot be lower than the {self.claimed_count} claims already made."
             )
+
+
+def split_stock(stock: int, shards: int) -> list[int]:
+    """Stock spread over shards as evenly as it goes, the larger parts first."""
+    share, rest = divmod(stock, shards)
+    return [share + (number < rest) for number in range(shards)]
+
+
+class StockShardQuerySet(models.QuerySet["StockShard"]):
+    def lock_one_with_stock(self, coupon_id: int, user_id: str) -> "StockShard | None":
+        """Lock a shard of the coupon that has stock, its coupon read with it and annotated
+        with `held` (see CouponQuerySet.with_holder); None if no shard has stock left.
+
+        A shard another claim holds is skipped, the shards tried in random order so that
+        claims spread over them. Only when every shard with stock is held does this wait for
+        one, in the shards' order: should that shard be emptied meanwhile, it goes on to the
+        next, keeping the emptied one's lock until it commits, so waiting claims must take
+        their locks in one order, or two could each wait for the other's.
+        """
+        holder = ClaimHistory.objects.filter(coupon=OuterRef("coupon_id"), user_id=user_id)
+        with_stock = (
+            self.filter(coupon_id=coupon_id, remaining_amount__gt=0)
+            .select_related("coupon")
+            .annotate(held=Exists(holder))  # type: ignore[no-redef]  # Typed on StockShard.
+        )
+        free = with_stock.select_for_update(no_key=True, skip_locked=True, of=("self",))
+        shard = free.order_by("?").first()
+        if shard is None:
+            busy = with_stock.select_for_update(no_key=True, of=("self",))
+            shard = busy.order_by("number").first()
+        return shard
+
+
+class StockShard(models.Model):
+    """A part of a coupon's stock on a row of its own, when the coupon's stock is split
+    over `stock_shards` rows: each claim locks one shard, so that as many claims on the
+    coupon take a unit at once (services.claim_coupon). A coupon with one shard keeps its
+    stock on its own row and has no StockShard."""
+
+    coupon = models.ForeignKey(
+        Coupon,
+        on_delete=models.CASCADE,
+        related_name="shards",
+        # The unique (coupon, number) index starts with coupon_id and serves the join.
+        db_index=False,
+    )
+    number = models.PositiveSmallIntegerField(help_text="From 0 to the coupon's shards - 1.")
+    remaining_amount = models.PositiveIntegerField(help_text="Stock left on this shard.")
+
+    objects = StockShardQuerySet.as_manager()
+
+    # Present when the queryset annotated it (lock_one_with_stock).
+    held: bool
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["coupon", "number"], name="stock_shard_number"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.coupon} #{self.number}"
 
 
 class ClaimQuerySet(OneStatementClaimWrite):

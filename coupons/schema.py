@@ -387,6 +387,11 @@ CREATE: dict[str, Any] = {
             },
             request_only=True,
         ),
+        OpenApiExample(
+            "A hot coupon, its stock split over 16 rows",
+            {"name": "FLASH_5000", "amount": 5000, "stock_shards": 16},
+            request_only=True,
+        ),
     ],
 }
 

@@ -75,6 +75,7 @@ class StrictModelSerializer(serializers.ModelSerializer[Any]):
         **serializers.ModelSerializer.serializer_field_mapping,
         models.CharField: StrictCharField,
         models.PositiveIntegerField: StrictIntegerField,
+        models.PositiveSmallIntegerField: StrictIntegerField,
         models.DateTimeField: AwareDateTimeField,
     }
 
@@ -97,9 +98,11 @@ class StrictModelSerializer(serializers.ModelSerializer[Any]):
 
 
 class CouponSerializer(StrictModelSerializer):
-    """A coupon in full, as listings show it; creating one takes its name, amount and sale
-    window."""
+    """A coupon in full, as listings show it; creating one takes its name, amount, sale
+    window and stock shards. Read it with Coupon.objects.with_stock()."""
 
+    # The stock left, wherever it is counted (Coupon.stock_left).
+    remaining_amount = serializers.IntegerField(source="stock_left", read_only=True)
     claimed_count = serializers.IntegerField(read_only=True)
 
     class Meta:
@@ -109,12 +112,17 @@ class CouponSerializer(StrictModelSerializer):
             "amount",
             "remaining_amount",
             "claimed_count",
+            "stock_shards",
             "starts_at",
             "ends_at",
             "created_at",
         ]
-        read_only_fields = ["remaining_amount", "created_at"]
-        extra_kwargs = {"starts_at": {"required": False}, "ends_at": {"required": False}}
+        read_only_fields = ["created_at"]
+        extra_kwargs = {
+            "starts_at": {"required": False},
+            "ends_at": {"required": False},
+            "stock_shards": {"required": False},
+        }
         validators: list[Any] = []  # See build_standard_field and validate.
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
@@ -124,7 +132,9 @@ class CouponSerializer(StrictModelSerializer):
         if None in window.values():
             return attrs
         try:
-            Coupon(**window).validate_constraints(exclude={"amount", "remaining_amount"})
+            Coupon(**window).validate_constraints(
+                exclude={"amount", "remaining_amount", "stock_shards"}
+            )
         except DjangoValidationError as refused:
             raise serializers.ValidationError({"ends_at": refused.messages}) from None
         return attrs
@@ -134,6 +144,7 @@ class CouponDetailsSerializer(serializers.ModelSerializer[Coupon]):
     """A coupon's details: exactly the four keys of the contract. GET /api/coupons/{name}
     answers in this shape, written by the database (details_document.py)."""
 
+    remaining_amount = serializers.IntegerField(source="stock_left", read_only=True)
     # A coupon just created has none.
     claimed_by = serializers.ListField(child=serializers.CharField(), read_only=True, default=list)
 

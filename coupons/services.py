@@ -29,7 +29,9 @@ from coupons.models import (
     ONE_CLAIM_PER_USER,
     ClaimHistory,
     Coupon,
+    StockShard,
     check_sale_window,
+    split_stock,
 )
 
 
@@ -39,20 +41,24 @@ def create_coupon(
     amount: int,
     starts_at: datetime.datetime | None = None,
     ends_at: datetime.datetime | None = None,
+    stock_shards: int = 1,
 ) -> Coupon:
     """Create a coupon with its whole stock available; raise CouponExists if the name is taken.
 
-    Claims are taken from starts_at (at once if None) until ends_at (for ever if None).
+    Claims are taken from starts_at (at once if None) until ends_at (for ever if None). The
+    stock is split over stock_shards rows (see StockShard).
     """
     try:
         with transaction.atomic():
             coupon = Coupon.objects.create(
                 name=name,
                 amount=amount,
-                remaining_amount=amount,
+                remaining_amount=amount if stock_shards == 1 else 0,
+                stock_shards=stock_shards,
                 starts_at=starts_at,
                 ends_at=ends_at,
             )
+            _put_in_shards(coupon, amount)
             # A coupon of this name deleted earlier may still be remembered sold out.
             transaction.on_commit(lambda: forget_coupon(name))
     except IntegrityError:
@@ -72,12 +78,12 @@ def create_coupons(coupons: Sequence[Mapping[str, Any]]) -> tuple[list[str], lis
     names = [coupon["name"] for coupon in coupons]
     with transaction.atomic():
         taken = set(Coupon.objects.filter(name__in=names).values_list("name", flat=True))
-        new = [
-            Coupon(**coupon, remaining_amount=coupon["amount"])
-            for coupon in coupons
-            if coupon["name"] not in taken
-        ]
+        new = [Coupon(**coupon) for coupon in coupons if coupon["name"] not in taken]
+        for coupon in new:
+            coupon.remaining_amount = coupon.amount if coupon.stock_shards == 1 else 0
         Coupon.objects.bulk_create(new)
+        shards = [_shards_of(coupon, coupon.amount) for coupon in new]
+        StockShard.objects.bulk_create(shard for of_one in shards for shard in of_one)
         created = [coupon.name for coupon in new]
         # Coupons of these names deleted earlier may still be remembered sold out.
         for name in created:
@@ -88,16 +94,69 @@ def create_coupons(coupons: Sequence[Mapping[str, Any]]) -> tuple[list[str], lis
 def delete_coupon(*, coupon_id: int) -> None:
     """Delete a coupon and its claims."""
     with transaction.atomic():
-        name = Coupon.objects.filter(pk=coupon_id).values_list("name", flat=True).first()
-        Coupon.objects.filter(pk=coupon_id).delete()
-        if name is not None:
-            transaction.on_commit(lambda: forget_coupon(name))
+        try:
+            coupon = _lock_stock(coupon_id)
+        except Coupon.DoesNotExist:
+            return
+        coupon.delete()
+        transaction.on_commit(lambda: forget_coupon(coupon.name))
+
+
+def _shards_of(coupon: Coupon, stock: int) -> list[StockShard]:
+    """The StockShard rows to hold a coupon's stock: none with one shard (the row holds it)."""
+    if coupon.stock_shards == 1:
+        return []
+    parts = split_stock(stock, coupon.stock_shards)
+    return [
+        StockShard(coupon=coupon, number=number, remaining_amount=part)
+        for number, part in enumerate(parts)
+    ]
+
+
+def _put_in_shards(coupon: Coupon, stock: int) -> None:
+    """Create the shards of a coupon whose row was just written with no stock of theirs."""
+    StockShard.objects.bulk_create(_shards_of(coupon, stock))
+    coupon.shard_stock = stock if coupon.stock_shards > 1 else 0
+
+
+def _lock_stock(coupon_id: int) -> Coupon:
+    """Lock a coupon's row and every stock shard of it, and read its stock left (the
+    coupon's `shard_stock` set): until the caller's transaction ends, no claim on it
+    takes a unit, and the claims that took one have committed.
+
+    Operators' changes take the row, then the shards; a claim takes one shard, then, as
+    it writes, shares the row's key lock with other claims, which this row lock (FOR NO
+    KEY UPDATE) does not block: no cycle, so no deadlock.
+    """
+    coupon = Coupon.objects.select_for_update(no_key=True).get(pk=coupon_id)
+    coupon.shard_stock = 0
+    if coupon.stock_shards > 1:
+        shards = StockShard.objects.select_for_update(no_key=True).filter(coupon_id=coupon_id)
+        coupon.shard_stock = sum(
+            shards.order_by("number").values_list("remaining_amount", flat=True)
+        )
+    return coupon
+
+
+def _restock(coupon: Coupon, *, stock: int) -> None:
+    """Put `stock` units in the coupon's stock, spread over its `stock_shards`, under
+    _lock_stock. The shards are made anew: a claim waiting for an old one finds it gone
+    and claims again (services.claim_coupon)."""
+    StockShard.objects.filter(coupon=coupon).delete()
+    coupon.remaining_amount = stock if coupon.stock_shards == 1 else 0
+    _put_in_shards(coupon, stock)
+    coupon.save(update_fields=["amount", "remaining_amount", "stock_shards", "updated_at"])
 
 
 def forget_coupon(name: str) -> None:
     """Drop what this process remembers of the coupon of this name (sold out, on sale)."""
     sold_out_memory.forget(name)
     on_sale_memory.discard(name)
+
+
+class _StockMoved(Exception):
+    """The coupon's stock is no longer where this claim looked for it: an operator changed
+    its shards, its stock or its window meanwhile. The claim is rolled back and made again."""
 
 
 def claim_coupon(
@@ -110,63 +169,97 @@ def claim_coupon(
     recorded with the claim; the unique index on keys refuses a second claim with it
     (AlreadyClaimed), which claim_coupon_idempotently then answers.
 
-    Takes and releases the coupon row's lock; call it outside any transaction
-    (durable=True refuses a caller's atomic block, but cannot see a transaction opened by
-    switching autocommit off: there the claim commits with its caller).
+    Takes and releases the lock of the row that holds the unit: the coupon's, or one of its
+    stock shards'. Call it outside any transaction (durable=True refuses a caller's atomic
+    block, but cannot see a transaction opened by switching autocommit off: there the claim
+    commits with its caller).
     """
     sold_out_memory.answer(coupon_name, user_id, timezone.now())
-    remembered_id = on_sale_memory.get(coupon_name)
-    coupon_id = remembered_id or _look_before_queueing(coupon_name, user_id)
+    while True:
+        try:
+            return _claim(coupon_name, user_id, idempotency_key)
+        except _StockMoved:
+            on_sale_memory.discard(coupon_name)
 
+
+def _claim(coupon_name: str, user_id: str, idempotency_key: str | None) -> ClaimHistory:
+    remembered = on_sale_memory.get(coupon_name)
+    coupon_id, shards = remembered or _look_before_queueing(coupon_name, user_id)
     try:
         with transaction.atomic(durable=True):
-            # The row lock serialises every claim, revocation and change of stock on this
-            # coupon, so the counter read here stays true until the commit. The claims
-            # queue on it, one at a time: keep this block to its few round trips.
-            coupon = (
-                Coupon.objects.select_for_update(no_key=True).with_holder(user_id).get(pk=coupon_id)
-            )
+            # The row lock serialises every claim that takes a unit from that row, so the
+            # counter read here stays true until the commit. The claims queue on it, one
+            # at a time: keep this block to its few round trips.
+            if shards == 1:
+                coupon = (
+                    Coupon.objects.select_for_update(no_key=True)
+                    .with_holder(user_id)
+                    .get(pk=coupon_id)
+                )
+                shard = None
+            else:
+                coupon, shard = _lock_a_shard(coupon_id, user_id)
             if coupon.name != coupon_name:
                 raise Coupon.DoesNotExist  # The id was given to another coupon since.
+            if coupon.stock_shards != shards:
+                raise _StockMoved
+            sold_out = coupon.is_sold_out if shard is None else False
             now = timezone.now()  # The claim's instant: checked against the window, recorded.
             coupon.check_sale_window(now)
-            if coupon.is_sold_out and not coupon.held:
+            if sold_out and not coupon.held:
                 # Had this statement waited for the lock, its EXISTS still saw the claims
                 # as they were before the wait: look again, for the contract's order.
                 coupon.held = coupon.claims.filter(user_id=user_id).exists()
             if coupon.held:
                 raise AlreadyClaimed()
-            if coupon.is_sold_out:
+            if sold_out:
                 raise OutOfStock()
-            claim = ClaimHistory.objects.take_unit(
-                coupon=coupon, user_id=user_id, claimed_at=now, idempotency_key=idempotency_key
+            claim, seen_by_write = ClaimHistory.objects.take_unit(
+                coupon=coupon,
+                user_id=user_id,
+                claimed_at=now,
+                idempotency_key=idempotency_key,
+                shard=shard,
             )
+            if seen_by_write is not None and seen_by_write != coupon.updated_at:
+                # The coupon's row changed between the lock's read and the shard's lock
+                # (an operator's change, which takes every shard): check it anew.
+                raise _StockMoved
     except Coupon.DoesNotExist:
         # Deleted since this process looked it up, and perhaps made anew under its name.
-        on_sale_memory.discard(coupon_name)
-        if remembered_id is None:
+        if remembered is None:
             raise CouponNotFound() from None
-        return claim_coupon(
-            coupon_name=coupon_name, user_id=user_id, idempotency_key=idempotency_key
-        )
-    except (SaleNotStarted, SaleEnded):
+        raise _StockMoved from None
+    except (SaleNotStarted, SaleEnded, OutOfStock):
         # Raised only on what the lock read: `coupon` is that row, as it stands.
         on_sale_memory.discard(coupon_name)
-        sold_out_memory.remember(coupon)
-        raise
-    except OutOfStock:
-        # Raised only on what the lock read: `coupon` is that row, as it stands.
-        on_sale_memory.discard(coupon_name)
-        sold_out_memory.remember(coupon)
+        sold_out_memory.remember(coupon, sold_out=sold_out)
         raise
     except IntegrityError as error:
         # A claim by this user, or with this key, committed after the lock statement's
-        # snapshot (another request, which held the lock while this one waited), and a
-        # unique index refused this one; the transaction is rolled back.
+        # snapshot (another request, which held the lock while this one waited, or took a
+        # unit from another shard), and a unique index refused this one; the transaction
+        # is rolled back.
         if _refused_as_a_repeat(error, coupon_id, user_id, idempotency_key):
             raise AlreadyClaimed() from None
         raise
     return claim
+
+
+def _lock_a_shard(coupon_id: int, user_id: str) -> tuple[Coupon, StockShard | None]:
+    """Lock a shard of the coupon with stock left, and return it with the coupon (`held`
+    annotated); with None if every shard is empty (the coupon, then, read anew)."""
+    shard = StockShard.objects.lock_one_with_stock(coupon_id, user_id)
+    if shard is not None:
+        coupon = shard.coupon
+        coupon.held = shard.held
+        return coupon, shard
+    # Sold out, unless an operator added stock or changed the shards since the shards'
+    # statement began: this statement sees that.
+    coupon = Coupon.objects.with_stock().with_holder(user_id).get(pk=coupon_id)
+    if coupon.stock_shards > 1 and not coupon.is_sold_out:
+        raise _StockMoved
+    return coupon, None
 
 
 def claim_coupon_idempotently(
@@ -199,26 +292,27 @@ def claim_coupon_idempotently(
         raise
 
 
-def _look_before_queueing(coupon_name: str, user_id: str) -> int:
-    """Return the id of the coupon to claim, or raise the refusal it already warrants.
+def _look_before_queueing(coupon_name: str, user_id: str) -> tuple[int, int]:
+    """Return the id and stock shards of the coupon to claim, or raise the refusal it
+    already warrants.
 
     Read without any lock: the window, "already claimed" and "sold out" seen in a
     committed snapshot were true at that moment, so they are honest answers, and the
     requests that end here never queue for the lock.
     """
-    coupon = Coupon.objects.with_holder(user_id).filter(name=coupon_name).first()
+    coupon = Coupon.objects.with_stock().with_holder(user_id).filter(name=coupon_name).first()
     if coupon is None:
         raise CouponNotFound()
     now = timezone.now()
     if not coupon.is_on_sale(now):
-        sold_out_memory.remember(coupon)
+        sold_out_memory.remember(coupon, sold_out=coupon.is_sold_out)
     coupon.check_sale_window(now)
     if coupon.held:
         raise AlreadyClaimed()
     if coupon.is_sold_out:
         raise OutOfStock()
-    on_sale_memory.add(coupon_name, coupon.pk)
-    return coupon.pk
+    on_sale_memory.add(coupon_name, coupon.pk, coupon.stock_shards)
+    return coupon.pk, coupon.stock_shards
 
 
 def _claim_made_with(idempotency_key: str, coupon_name: str, user_id: str) -> ClaimHistory | None:
@@ -261,14 +355,29 @@ def _refused_as_a_repeat(
 def change_coupon_amount(*, coupon_id: int, amount: int) -> Coupon:
     """Set a coupon's total stock, keeping the claims made; it cannot go below them.
 
-    Inside a caller's transaction (the admin's), the coupon's lock lasts until that ends.
+    Inside a caller's transaction (the admin's), the coupon's locks last until that ends.
     """
     with transaction.atomic():
-        coupon = Coupon.objects.select_for_update(no_key=True).get(pk=coupon_id)
+        coupon = _lock_stock(coupon_id)
         coupon.check_new_amount(amount)
-        coupon.remaining_amount = amount - coupon.claimed_count
+        stock = amount - coupon.claimed_count
         coupon.amount = amount
-        coupon.save(update_fields=["amount", "remaining_amount", "updated_at"])
+        _restock(coupon, stock=stock)
+        transaction.on_commit(lambda: forget_coupon(coupon.name))
+    return coupon
+
+
+def change_stock_shards(*, coupon_id: int, stock_shards: int) -> Coupon:
+    """Split a coupon's stock left over `stock_shards` rows (1: the coupon's own row),
+    keeping every unit and claim. Claims wait while it runs, then go on.
+
+    Inside a caller's transaction (the admin's), the coupon's locks last until that ends.
+    """
+    with transaction.atomic():
+        coupon = _lock_stock(coupon_id)
+        stock = coupon.stock_left
+        coupon.stock_shards = stock_shards
+        _restock(coupon, stock=stock)
         transaction.on_commit(lambda: forget_coupon(coupon.name))
     return coupon
 
@@ -281,8 +390,8 @@ def change_sale_window(
     Inside a caller's transaction (the admin's), the coupon's lock lasts until that ends.
     """
     with transaction.atomic():
-        # Under the claims' lock, so no claim checks a window that is being replaced.
-        coupon = Coupon.objects.select_for_update(no_key=True).get(pk=coupon_id)
+        # Under the claims' locks, so no claim checks a window that is being replaced.
+        coupon = _lock_stock(coupon_id)
         coupon.starts_at, coupon.ends_at = starts_at, ends_at
         coupon.save(update_fields=["starts_at", "ends_at", "updated_at"])
         transaction.on_commit(lambda: forget_coupon(coupon.name))
@@ -298,19 +407,22 @@ def revoke_claim(*, claim_id: int) -> bool:
     if coupon_id is None:
         return False
     with transaction.atomic():
-        # The same lock as a claim, taken first, so the counter and the ledger move together.
-        name = (
-            Coupon.objects.select_for_update(no_key=True)
-            .filter(pk=coupon_id)
-            .values_list("name", flat=True)
-            .get()
-        )
+        # The claims' locks, taken first, so the counters and the ledger move together.
+        coupon = _lock_stock(coupon_id)
         deleted, _ = ClaimHistory.objects.filter(pk=claim_id).delete()
         if deleted:
-            Coupon.objects.filter(pk=coupon_id).update(
-                remaining_amount=F("remaining_amount") + 1, updated_at=timezone.now()
-            )
-            transaction.on_commit(lambda: forget_coupon(name))
+            if coupon.stock_shards == 1:
+                coupon.remaining_amount += 1
+            else:
+                # To the emptiest shard, which claims are least likely to find empty.
+                emptiest = coupon.shards.order_by("remaining_amount", "number")[:1]
+                StockShard.objects.filter(pk__in=emptiest).update(
+                    remaining_amount=F("remaining_amount") + 1
+                )
+            # The row's updated_at moves even with shards: the sold-out memory and claims
+            # waiting for a shard see the change by it.
+            coupon.save(update_fields=["remaining_amount", "updated_at"])
+            transaction.on_commit(lambda: forget_coupon(coupon.name))
     return bool(deleted)
 
 
@@ -368,12 +480,13 @@ class SoldOutMemory:
             if entry.sold_out:
                 raise AlreadyClaimed() if user_id in entry.claimants else OutOfStock()
 
-    def remember(self, coupon: Coupon) -> None:
-        """Note the coupon, seen refusing claims, as it was then (its `updated_at`)."""
+    def remember(self, coupon: Coupon, *, sold_out: bool) -> None:
+        """Note the coupon, seen refusing claims, as it was then (its `updated_at`), and
+        whether it was sold out."""
         if settings.SOLD_OUT_MEMORY_SECONDS <= 0:
             return
         entry = self._coupons.get(coupon.name)
-        if not coupon.is_sold_out:
+        if not sold_out:
             claimants: frozenset[str] = frozenset()
         elif entry and (entry.coupon_id, entry.version) == (coupon.pk, coupon.updated_at):
             claimants = entry.claimants  # Unchanged since it was loaded.
@@ -389,7 +502,7 @@ class SoldOutMemory:
             coupon.updated_at,
             coupon.starts_at,
             coupon.ends_at,
-            coupon.is_sold_out,
+            sold_out,
             claimants,
             time.monotonic(),
         )
@@ -406,7 +519,8 @@ sold_out_memory = SoldOutMemory()
 
 
 class OnSaleMemory:
-    """The ids of coupons this process last saw with stock left, by name; bounded.
+    """The ids and stock shards of coupons this process last saw with stock left, by name;
+    bounded.
 
     A claim on one of them skips the lock-free look and goes straight to the coupon's row
     lock, whose statement reads everything the checks need anyway: while a sale lasts
@@ -419,15 +533,15 @@ class OnSaleMemory:
     max_coupons = 256
 
     def __init__(self) -> None:
-        self._ids: OrderedDict[str, int] = OrderedDict()
+        self._ids: OrderedDict[str, tuple[int, int]] = OrderedDict()
 
-    def get(self, coupon_name: str) -> int | None:
+    def get(self, coupon_name: str) -> tuple[int, int] | None:
         return self._ids.get(coupon_name)
 
-    def add(self, coupon_name: str, coupon_id: int) -> None:
+    def add(self, coupon_name: str, coupon_id: int, stock_shards: int) -> None:
         if coupon_name not in self._ids and len(self._ids) >= self.max_coupons:
             _drop_oldest(self._ids)
-        self._ids[coupon_name] = coupon_id
+        self._ids[coupon_name] = (coupon_id, stock_shards)
 
     def discard(self, coupon_name: str) -> None:
         self._ids.pop(coupon_name, None)

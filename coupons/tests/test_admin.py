@@ -71,7 +71,7 @@ def test_coupon_list_filters_and_searches(
     assert {coupon.name for coupon in response.context["cl"].result_list} == names
 
 
-def test_the_add_coupon_page_asks_for_a_name_an_amount_and_a_sale_window(
+def test_the_add_coupon_page_asks_for_a_name_an_amount_its_shards_and_a_sale_window(
     admin_client: Client,
 ) -> None:
     response = admin_client.get("/admin/coupons/coupon/add/")
@@ -80,6 +80,7 @@ def test_the_add_coupon_page_asks_for_a_name_an_amount_and_a_sale_window(
     assert set(response.context["adminform"].form.fields) == {
         "name",
         "amount",
+        "stock_shards",
         "starts_at",
         "ends_at",
     }
@@ -99,7 +100,12 @@ def window(starts: str, ends: str) -> dict[str, str]:
 def test_a_sale_window_set_in_the_admin_is_kept(admin_client: Client) -> None:
     response = admin_client.post(
         "/admin/coupons/coupon/add/",
-        {"name": "TIMED", "amount": "5", **window("2030-01-01 10:00:00", "2030-01-01 11:00:00")},
+        {
+            "name": "TIMED",
+            "amount": "5",
+            "stock_shards": "1",
+            **window("2030-01-01 10:00:00", "2030-01-01 11:00:00"),
+        },
     )
 
     assert response.status_code == 302
@@ -115,7 +121,11 @@ def test_a_window_that_ends_before_it_starts_is_refused_in_the_admin(
 ) -> None:
     response = admin_client.post(
         f"/admin/coupons/coupon/{sold_out_coupon.pk}/change/",
-        {"amount": "2", **window("2030-01-01 11:00:00", "2030-01-01 10:00:00")},
+        {
+            "amount": "2",
+            "stock_shards": "1",
+            **window("2030-01-01 11:00:00", "2030-01-01 10:00:00"),
+        },
     )
 
     assert response.status_code == 200
@@ -133,7 +143,11 @@ def test_changing_the_window_in_the_admin_goes_through_the_service(
 
     response = admin_client.post(
         f"/admin/coupons/coupon/{sold_out_coupon.pk}/change/",
-        {"amount": "3", **window("2020-01-01 00:00:00", "2020-01-02 00:00:00")},
+        {
+            "amount": "3",
+            "stock_shards": "1",
+            **window("2020-01-01 00:00:00", "2020-01-02 00:00:00"),
+        },
     )
 
     assert response.status_code == 302
@@ -147,7 +161,9 @@ def test_changing_the_window_in_the_admin_goes_through_the_service(
 
 def test_adding_a_coupon_in_the_admin_gives_it_its_whole_stock(admin_client: Client) -> None:
     response = admin_client.post(
-        "/admin/coupons/coupon/add/", {"name": "NEW", "amount": "40"}, follow=True
+        "/admin/coupons/coupon/add/",
+        {"name": "NEW", "amount": "40", "stock_shards": "1"},
+        follow=True,
     )
 
     assert response.redirect_chain[-1][1] == 302
@@ -160,7 +176,7 @@ def test_raising_the_amount_in_the_admin_keeps_the_invariant(
     admin_client: Client, sold_out_coupon: Coupon
 ) -> None:
     response = admin_client.post(
-        f"/admin/coupons/coupon/{sold_out_coupon.pk}/change/", {"amount": "5"}
+        f"/admin/coupons/coupon/{sold_out_coupon.pk}/change/", {"amount": "5", "stock_shards": "1"}
     )
 
     assert response.status_code == 302
@@ -173,7 +189,7 @@ def test_lowering_the_amount_below_the_claims_is_refused_in_the_admin(
     admin_client: Client, sold_out_coupon: Coupon
 ) -> None:
     response = admin_client.post(
-        f"/admin/coupons/coupon/{sold_out_coupon.pk}/change/", {"amount": "1"}
+        f"/admin/coupons/coupon/{sold_out_coupon.pk}/change/", {"amount": "1", "stock_shards": "1"}
     )
 
     assert response.status_code == 200
@@ -186,7 +202,8 @@ def test_the_name_cannot_be_changed_once_created(
     admin_client: Client, sold_out_coupon: Coupon
 ) -> None:
     admin_client.post(
-        f"/admin/coupons/coupon/{sold_out_coupon.pk}/change/", {"name": "RENAMED", "amount": "2"}
+        f"/admin/coupons/coupon/{sold_out_coupon.pk}/change/",
+        {"name": "RENAMED", "amount": "2", "stock_shards": "1"},
     )
 
     sold_out_coupon.refresh_from_db()
@@ -251,7 +268,9 @@ def test_the_admin_gets_sessions_csrf_checks_and_messages(admin_client: Client) 
     # A form posted without its CSRF token is refused.
     strict_client = Client(enforce_csrf_checks=True)
     strict_client.force_login(request.user)
-    refused = strict_client.post("/admin/coupons/coupon/add/", {"name": "X", "amount": 1})
+    refused = strict_client.post(
+        "/admin/coupons/coupon/add/", {"name": "X", "amount": 1, "stock_shards": "1"}
+    )
     assert refused.status_code == 403
     assert not Coupon.objects.filter(name="X").exists()
 
@@ -291,7 +310,9 @@ def test_the_api_needs_no_csrf_token_and_sets_no_cookie() -> None:
 def test_the_admin_refuses_what_the_api_refuses(
     admin_client: Client, name: str, amount: str, field: str, message: str
 ) -> None:
-    response = admin_client.post("/admin/coupons/coupon/add/", {"name": name, "amount": amount})
+    response = admin_client.post(
+        "/admin/coupons/coupon/add/", {"name": name, "amount": amount, "stock_shards": "1"}
+    )
 
     assert response.status_code == 200
     assert set(response.context["adminform"].form.errors) == {field}
@@ -300,7 +321,9 @@ def test_the_admin_refuses_what_the_api_refuses(
 
 
 def test_the_admin_stores_a_padded_name_exactly_as_given(admin_client: Client) -> None:
-    response = admin_client.post("/admin/coupons/coupon/add/", {"name": "  padded  ", "amount": 1})
+    response = admin_client.post(
+        "/admin/coupons/coupon/add/", {"name": "  padded  ", "amount": 1, "stock_shards": "1"}
+    )
 
     assert response.status_code == 302
     assert list(Coupon.objects.values_list("name", flat=True)) == ["  padded  "]

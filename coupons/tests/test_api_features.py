@@ -278,11 +278,13 @@ def test_coupons_are_listed_newest_first_in_full(api_client: APIClient) -> None:
         "amount",
         "remaining_amount",
         "claimed_count",
+        "stock_shards",
         "starts_at",
         "ends_at",
         "created_at",
     }
     assert (second["remaining_amount"], second["claimed_count"]) == (1, 1)
+    assert second["stock_shards"] == 1
     assert second["starts_at"] is None
 
 

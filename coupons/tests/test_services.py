@@ -304,7 +304,7 @@ class TestClaimTransaction:
         checked, go_on = threading.Event(), threading.Event()
         take_unit = ClaimHistory.objects.take_unit
 
-        def pause_after_the_checks(**fields: Any) -> ClaimHistory:
+        def pause_after_the_checks(**fields: Any) -> tuple[ClaimHistory, Any]:
             checked.set()
             go_on.wait(10)
             return take_unit(**fields)
@@ -351,7 +351,7 @@ class TestClaimTransaction:
     def test_a_coupon_deleted_during_its_sale_is_not_found_under_the_lock(self) -> None:
         coupon = services.create_coupon(name="PROMO", amount=5)
         services.claim_coupon(coupon_name="PROMO", user_id="first")
-        assert services.on_sale_memory.get("PROMO") == coupon.pk
+        assert services.on_sale_memory.get("PROMO") == (coupon.pk, 1)
         coupon.delete()
 
         with pytest.raises(CouponNotFound):
@@ -386,12 +386,12 @@ class TestClaimTransaction:
     def test_the_on_sale_memory_keeps_the_latest_coupons_only(self) -> None:
         memory = services.OnSaleMemory()
         for index in range(memory.max_coupons + 1):
-            memory.add(f"coupon-{index}", index)
-        memory.add("coupon-2", 2)  # Known already: nothing is dropped.
+            memory.add(f"coupon-{index}", index, 1)
+        memory.add("coupon-2", 2, 1)  # Known already: nothing is dropped.
 
         assert memory.get("coupon-0") is None
-        assert (memory.get("coupon-1"), memory.get("coupon-2")) == (1, 2)
-        assert memory.get(f"coupon-{memory.max_coupons}") == memory.max_coupons
+        assert (memory.get("coupon-1"), memory.get("coupon-2")) == ((1, 1), (2, 1))
+        assert memory.get(f"coupon-{memory.max_coupons}") == (memory.max_coupons, 1)
 
     def test_a_holder_whose_claim_committed_while_the_lock_was_awaited_hears_already_claimed(
         self,
@@ -559,7 +559,7 @@ class TestClaimTransaction:
         backend = backend_pid()
         take_unit = ClaimHistory.objects.take_unit
 
-        def killed_after_the_write(**fields: Any) -> ClaimHistory:
+        def killed_after_the_write(**fields: Any) -> tuple[ClaimHistory, Any]:
             claim = take_unit(**fields)
             with psycopg.connect(**connection.get_connection_params(), autocommit=True) as other:
                 other.execute("SELECT pg_terminate_backend(%s, 5000)", [backend])
@@ -715,7 +715,7 @@ class TestConcurrentServiceCalls:
         look_before_queueing = services._look_before_queueing
         rivals: list[BaseException | None] = []
 
-        def rival_commits_after_the_look(coupon_name: str, user_id: str) -> int:
+        def rival_commits_after_the_look(coupon_name: str, user_id: str) -> tuple[int, int]:
             # The same user's other request takes the last unit between this one's
             # lock-free look and its lock.
             coupon_id = look_before_queueing(coupon_name, user_id)

@@ -31,8 +31,8 @@ class Entry:
 
 
 def read_coupon_file(path: Path) -> list[Entry]:
-    """Read coupons from a JSON list of {"name", "amount"[, "starts_at", "ends_at"]} or a CSV
-    with those columns."""
+    """Read coupons from a JSON list of {"name", "amount"[, "stock_shards", "starts_at",
+    "ends_at"]} or a CSV with those columns."""
     try:
         # utf-8-sig: spreadsheets save CSV with a byte-order mark, which is not a character
         # of the first column's name.
@@ -53,17 +53,20 @@ def read_coupon_file(path: Path) -> list[Entry]:
 
 
 def _csv_fields(row: dict[str, Any]) -> dict[str, Any]:
-    """A CSV row as the API's JSON would give it. CSV has no types: a cell of digits is the
-    amount it spells (anything else stays text, refused by the same validation as the
-    API), and an empty window cell means no bound."""
-    fields = {key: cell for key, cell in row.items() if not (key in WINDOW and cell == "")}
-    amount = row.get("amount")
-    if isinstance(amount, str) and _is_decimal_number(amount.strip()):
-        fields["amount"] = int(amount)
+    """A CSV row as the API's JSON would give it. CSV has no types: a cell of digits in a
+    number's column is the number it spells (anything else stays text, refused by the same
+    validation as the API), and an empty cell of an optional column means its default."""
+    fields = {key: cell for key, cell in row.items() if not (key in OPTIONAL and cell == "")}
+    for key in NUMBERS:
+        cell = fields.get(key)
+        if isinstance(cell, str) and _is_decimal_number(cell.strip()):
+            fields[key] = int(cell)
     return fields
 
 
 WINDOW = ("starts_at", "ends_at")
+OPTIONAL = (*WINDOW, "stock_shards")
+NUMBERS = ("amount", "stock_shards")
 
 
 def _is_decimal_number(text: str) -> bool:
@@ -105,7 +108,8 @@ class Command(BaseCommand):
             "examples:\n"
             "  manage.py seed_coupons PROMO_SUPER:100 'TIME:10:30:5'\n"
             "  manage.py seed_coupons BLACK_FRIDAY:500 --starts-at 2030-11-29T09:00:00Z\n"
-            "  manage.py seed_coupons --file coupons.csv   # name,amount[,starts_at,ends_at]\n"
+            "  manage.py seed_coupons HOT_DEAL:5000 --stock-shards 16\n"
+            "  manage.py seed_coupons --file coupons.csv   # name,amount[,starts_at,ends_at,...]\n"
             '  manage.py seed_coupons --file coupons.json  # [{"name": "A", "amount": 5}]'
         )
         return parser
@@ -122,7 +126,15 @@ class Command(BaseCommand):
             type=Path,
             help='A .json file (a list of {"name": ..., "amount": ...}) or a .csv file '
             "with a header row name,amount (UTF-8, with or without a byte-order mark); "
-            "optional starts_at and ends_at fields or columns give each coupon's sale window.",
+            "optional starts_at and ends_at fields or columns give each coupon's sale window, "
+            "and stock_shards its stock shards.",
+        )
+        parser.add_argument(
+            "--stock-shards",
+            type=int,
+            metavar="K",
+            help="Split the stock of the NAME:AMOUNT coupons over K rows, 1 to 64, so that "
+            "up to K claims take a unit at once (docs/scaling.md). Default: 1.",
         )
         parser.add_argument(
             "--starts-at",
@@ -139,11 +151,12 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         verbosity: int = options["verbosity"]
         entries, problems = [], []
-        window = {key: options[key] for key in WINDOW if options[key] is not None}
+        window = {key: options[key] for key in OPTIONAL if options[key] is not None}
         if window and options["file"]:
             raise CommandError(
-                "--starts-at and --ends-at apply to NAME:AMOUNT arguments; give the coupons "
-                "of a file their windows in its starts_at and ends_at columns or fields."
+                "--starts-at, --ends-at and --stock-shards apply to NAME:AMOUNT arguments; "
+                "give the coupons of a file theirs in its starts_at, ends_at and "
+                "stock_shards columns or fields."
             )
         for number, argument in enumerate(options["coupons"], start=1):
             try:
