@@ -55,6 +55,14 @@ def all_servers(request: pytest.FixtureRequest) -> list[live.LiveServer]:
     return servers
 
 
+@pytest.fixture(params=[1, 16], ids=lambda shards: f"K={shards}")
+def stock_shards(request: pytest.FixtureRequest) -> int:
+    """A coupon's stock on its own row, or split over 16 stock shards, each locked by one
+    claim: the scenarios that take it run on both."""
+    shards: int = request.param
+    return shards
+
+
 @pytest.fixture(autouse=True)
 def forget_coupons_seen() -> Iterator[None]:
     """Each test starts with empty coupon memories: its coupons are new."""

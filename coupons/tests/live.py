@@ -45,8 +45,9 @@ class LiveServer:
         finally:
             connection.close()
 
-    def create_coupon(self, name: str, amount: int) -> None:
-        response = self.request("POST", "/api/coupons", {"name": name, "amount": amount})
+    def create_coupon(self, name: str, amount: int, stock_shards: int = 1) -> None:
+        body = {"name": name, "amount": amount, "stock_shards": stock_shards}
+        response = self.request("POST", "/api/coupons", body)
         assert response.status == 201, response
 
     def details(self, name: str) -> dict[str, Any]:

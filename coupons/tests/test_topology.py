@@ -95,13 +95,13 @@ def claims_answered(instance: LiveServer) -> float:
 
 
 def test_a_flash_sale_through_the_balancer_has_exactly_its_stock_in_winners(
-    topology: Topology,
+    topology: Topology, stock_shards: int
 ) -> None:
     balancer = topology.balancer
     before = [claims_answered(instance) for instance in topology.instances]
 
     for round_number in range(ROUNDS):
-        name = fresh_coupon(balancer, 5)
+        name = fresh_coupon(balancer, 5, stock_shards)
         shoppers = [f"shopper-{index}" for index in range(50)]
         responses = concurrently([balancer], [claim_request(user, name) for user in shoppers])
 
@@ -126,11 +126,11 @@ def test_a_flash_sale_through_the_balancer_has_exactly_its_stock_in_winners(
 
 @pytest.mark.parametrize("stock", [10, 1])
 def test_one_user_claiming_ten_times_at_once_through_the_balancer_gets_one_unit(
-    topology: Topology, stock: int
+    topology: Topology, stock: int, stock_shards: int
 ) -> None:
     balancer = topology.balancer
     for round_number in range(ROUNDS):
-        name = fresh_coupon(balancer, stock)
+        name = fresh_coupon(balancer, stock, stock_shards)
 
         responses = concurrently([balancer], [claim_request("same-user", name)] * 10)
 
