@@ -2,7 +2,8 @@
 every message to PostgreSQL delayed by a proxy, then pgbench's K-shard lock at the same
 delays (bench/shards_db.py).
 
-    .venv/bin/python bench/latency.py [--delays 0,0.5,2] [--seconds 15] [--workers 4]
+    .venv/bin/python bench/latency.py [--delays 0,0.5,2] [--stock-shards 1,4,16]
+                                      [--seconds 15] [--workers 4] [--shard-workers 16]
                                       [--no-direct] [--app-only] [--db-seconds 10]
                                       [--shard-counts 1,4,16] [--clients 32]
 
@@ -10,15 +11,17 @@ First it counts a winning claim's round trips, and those it holds the coupon's l
 across, with libpq's trace (bench/claim_round_trips.py). Then, on the throwaway database
 coupons_bench_latency (DATABASE_URL's server, default 127.0.0.1:5432; the database
 DATABASE_URL names is never touched), first without the proxy (the reference that shows
-its cost; --no-direct skips it), then for each one-way delay D of --delays, in ms:
+its cost; --no-direct skips it), then for each one-way delay D of --delays, in ms, and each
+K of --stock-shards (the coupon's stock_shards):
 
 1. starts bench/latency_proxy.py in front of PostgreSQL with delay D, and times 200
    `SELECT 1` through it at rest: the round trip the service will see (2 × D + loopback);
 2. starts gunicorn from gunicorn.conf.py (production settings) with its DATABASE_URL
-   through the proxy: --workers sync workers, one connection each (see WORKERS);
+   through the proxy: --workers sync workers for K = 1, --shard-workers for K > 1, one
+   connection each (see WORKERS and SHARD_WORKERS);
 3. warms up with 3 s of claims, then runs "every claim wins" (as B2): wrk, 2 threads,
    64 connections, for --seconds, every claim by a user never seen before on one coupon
-   whose stock cannot run out;
+   whose stock cannot run out, split over K rows;
 4. verifies it as bench/run.py does: no 5xx, socket error or timeout, every answer a 201,
    remaining_amount == amount − claims with no user twice, the winners those answered,
    gunicorn's log clean;
@@ -87,6 +90,11 @@ WARM_UP_S = 3
 # they share the 2 cores with the claim that holds the lock, which then takes longer to
 # send its next statement (docs/scaling.md has the sweep of 2, 4, 8 and 16).
 WORKERS = 4
+# With K stock shards up to K claims hold a lock at once: each worker has one claim in
+# flight, so K workers at least keep every shard busy while the network is the limit. 16
+# is the most this 2-core machine runs before its CPU is (docs/scaling.md).
+SHARD_WORKERS = 16
+STOCK_SHARDS = "1,4,16"
 STOCK = 100_000_000  # Far more than --seconds of claims can take at any delay.
 PROBES = 200
 RESULTS = BENCH_DIR / "results" / "latency.json"
@@ -95,15 +103,15 @@ LOG_PATH = BENCH_DIR / "results" / "latency-gunicorn.log"
 NOISY = 0.1  # A run during which other work took more of the CPUs than this is flagged.
 
 
-def coupon_body(name: str, stock: int) -> dict[str, Any]:
+def coupon_body(name: str, stock: int, shards: int = 1) -> dict[str, Any]:
     """The body of POST /api/coupons for the scenario's coupons: the one place their fields
-    (a stock's sharding, say) are set."""
-    return {"name": name, "amount": stock}
+    are set."""
+    return {"name": name, "amount": stock, "stock_shards": shards}
 
 
-def create_coupon(api: Api, name: str, stock: int) -> None:
+def create_coupon(api: Api, name: str, stock: int, shards: int) -> None:
     """Create a coupon from coupon_body(); raise BenchError unless the service answers 201."""
-    status, body = api.call("POST", "/api/coupons", coupon_body(name, stock))
+    status, body = api.call("POST", "/api/coupons", coupon_body(name, stock, shards))
     if status != 201:
         raise BenchError(f"creating coupon {name} answered {status}: {body[:200]!r}")
 
@@ -187,32 +195,39 @@ def link(database_url: str, delay_ms: float | None) -> Iterator[RunningProxy | N
         yield proxy
 
 
+def workers_for(args: argparse.Namespace, shards: int) -> int:
+    return int(args.workers if shards == 1 else args.shard_workers)
+
+
 def run_delay(
     tools: Tools,
     database_url: str,
     delay_ms: float | None,
+    shards: int,
     index: int,
     args: argparse.Namespace,
     round_trips: dict[str, Any],
 ) -> dict[str, Any]:
-    """Measure and verify the claims at one delay (steps 1–5 of the module's docstring);
-    None: straight to PostgreSQL, the reference that shows the proxy's own cost."""
+    """Measure and verify the claims at one delay on a coupon of `shards` stock shards
+    (steps 1–5 of the module's docstring); None: straight to PostgreSQL, the reference that
+    shows the proxy's own cost."""
     tag = f"{int(time.time())}d{index}"
+    workers = workers_for(args, shards)
     with link(database_url, delay_ms) as proxy:
         through = proxy.database_url(database_url) if proxy else database_url
         at_rest = probe_round_trip(through)
         env = service_env(through, free_port())
-        env.update(WEB_CONCURRENCY=str(args.workers), GUNICORN_THREADS="1")
+        env.update(WEB_CONCURRENCY=str(workers), GUNICORN_THREADS="1")
         with running_service(env, LOG_PATH) as service:
             api = Api(service.port)
-            create_coupon(api, f"warm-up-{tag}", STOCK)
+            create_coupon(api, f"warm-up-{tag}", STOCK, shards)
             warm = claim_load(tools, service.port, f"warm-up-{tag}", f"w{tag}", seconds=WARM_UP_S)
             problems = [
                 f"warm-up: {problem}"
                 for problem in claim_problems(api, f"warm-up-{tag}", STOCK, [warm])
             ]
             name = f"latency-{tag}"
-            create_coupon(api, name, STOCK)
+            create_coupon(api, name, STOCK, shards)
             groups = {
                 "gunicorn": _ticks_of(service.pid),
                 "postgres": lambda: postgres_ticks(database_url),
@@ -227,6 +242,8 @@ def run_delay(
     problems += [f"gunicorn log: {line}" for line in log_problems(LOG_PATH)]
     run: dict[str, Any] = {
         "delay_ms": delay_ms,
+        "stock_shards": shards,
+        "workers": workers,
         "rtt_ms": None if delay_ms is None else 2 * delay_ms,
         "rtt_at_rest_ms": {key: round(value, 3) for key, value in at_rest.items()},
         "claims_per_s": round(result.statuses.get(201, 0) / result.duration_s, 1),
@@ -264,7 +281,8 @@ def print_run(run: dict[str, Any]) -> None:
     cpu, at_rest = run["cpu"], run["rtt_at_rest_ms"]["median"]
     trips = run["round_trips_per_claim"]
     print(
-        f"  {delay_label(run['delay_ms'])}, round trip at rest {at_rest:.2f} ms: "
+        f"  {delay_label(run['delay_ms'])}, K = {run['stock_shards']}, {run['workers']} workers, "
+        f"round trip at rest {at_rest:.2f} ms: "
         f"{run['claims_per_s']:,.0f} claims/s, p50 {run['p50_ms']:.1f} ms, "
         f"p99 {run['p99_ms']:.1f} ms"
         + ("" if trips is None else f", {trips:.2f} round trips per claim")
@@ -295,27 +313,45 @@ def lock_ceiling(under_lock: int, delay_ms: float | None) -> float | None:
     return 1000 / (under_lock * 2 * delay_ms) if delay_ms and under_lock else None
 
 
+def speed_up(document: dict[str, Any], run: dict[str, Any]) -> float | None:
+    """A run's claims/s over those of K = 1 at the same delay."""
+    single = next(
+        (
+            other["claims_per_s"]
+            for other in document["app"]
+            if other["delay_ms"] == run["delay_ms"] and other["stock_shards"] == 1
+        ),
+        None,
+    )
+    return run["claims_per_s"] / single if single else None
+
+
 def app_table(document: dict[str, Any]) -> str:
-    """The app's runs as Markdown tables: figures and CPU, then where the lock's time went."""
+    """The app's runs as Markdown tables: figures and CPU, then where the lock's time went
+    (K = 1: with shards the proxy cannot tell a shard's lock from another's)."""
     under_lock = document["round_trips"]["under_lock"]
     lines = [
-        "| delay | round trip at rest | claims/s | p50 | p99 | round trips per claim "
-        f"| network's limit 1 / ({under_lock} × RTT) | CPU busy | gunicorn | PostgreSQL | wrk "
-        "| proxy | other | steal |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| delay | K | workers | round trip at rest | claims/s | × K = 1 | p50 | p99 "
+        f"| round trips per claim | network's limit K / ({under_lock} × RTT) | CPU busy "
+        "| gunicorn | PostgreSQL | wrk | proxy | other | steal |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in document["app"]:
         cpu = run["cpu"]
         ceiling = lock_ceiling(under_lock, run["delay_ms"])
         trips = run["round_trips_per_claim"]
+        ratio = speed_up(document, run)
         cells = [
             delay_label(run["delay_ms"]),
+            str(run["stock_shards"]),
+            str(run["workers"]),
             f"{run['rtt_at_rest_ms']['median']:.2f} ms",
             f"{run['claims_per_s']:,.0f}",
+            "—" if ratio is None else f"{ratio:.1f}×",
             f"{run['p50_ms']:.1f} ms",
             f"{run['p99_ms']:.1f} ms",
             "—" if trips is None else f"{trips:.2f}",
-            "—" if ceiling is None else f"{ceiling:,.0f}",
+            "—" if ceiling is None else f"{ceiling * run['stock_shards']:,.0f}",
             *(
                 f"{cpu[name]:.0%}"
                 for name in ("busy", "gunicorn", "postgres", "wrk", "proxy", "other", "steal")
@@ -324,13 +360,13 @@ def app_table(document: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "| delay | lock held per claim | of it: network (4 × one-way) | the service between "
-        "answers | PostgreSQL's write and COMMIT | the rest | 1 / lock held | claims/s |",
+        "| delay (K = 1) | lock held per claim | of it: network (4 × one-way) | the service "
+        "between answers | PostgreSQL's write and COMMIT | the rest | 1 / lock held | claims/s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in document["app"]:
         times = run["transactions"]
-        if not times:
+        if not times or run["stock_shards"] != 1:
             continue
         network = 4 * run["delay_ms"]
         service = sum(times["client_ms"][2:])
@@ -347,32 +383,29 @@ def app_table(document: dict[str, Any]) -> str:
 
 
 def app_chart(document: dict[str, Any], caption: str) -> str:
-    """Claims/s against the delay: through the service, pgbench's same claim, the model."""
-    delays = [run["delay_ms"] for run in document["app"]]
+    """Claims/s against the delay and K: through the service, pgbench's one row, the model."""
+    delays = list(dict.fromkeys(run["delay_ms"] for run in document["app"]))
     under_lock = document["round_trips"]["under_lock"]
-    series: dict[str, list[float | None]] = {
-        "through the service (gunicorn, the proxy, PostgreSQL), one coupon row": [
-            run["claims_per_s"] for run in document["app"]
-        ],
-    }
+    series: dict[str, list[float | None]] = {}
+    for shards in dict.fromkeys(run["stock_shards"] for run in document["app"]):
+        runs = {run["delay_ms"]: run for run in document["app"] if run["stock_shards"] == shards}
+        workers = next(iter(runs.values()))["workers"]
+        label = f"through the service, K = {shards} ({workers} workers)"
+        series[label] = [runs[delay]["claims_per_s"] if delay in runs else None for delay in delays]
     database_runs = {
         run["delay_ms"]: run["tps"]
         for run in (document.get("database") or {}).get("runs", [])
-        if run["shards"] is None
+        if run["shards"] == 1
     }
     if database_runs:
-        series["the same transaction by pgbench, the database alone"] = [
+        series["one row by pgbench, the database alone"] = [
             database_runs.get(delay) for delay in delays
         ]
-    series["1 / the lock's time per claim, timed at the proxy"] = [
-        1000 / run["transactions"]["held_ms"] if run["transactions"] else None
-        for run in document["app"]
-    ]
-    series[f"the network's limit: 1 / ({under_lock} round trips under the lock × RTT)"] = [
+    series[f"the network's limit for one row: 1 / ({under_lock} round trips × RTT)"] = [
         lock_ceiling(under_lock, delay) for delay in delays
     ]
     return grouped_bar_chart(
-        "Claims/s on one hot coupon against the database's distance",
+        "Claims/s on one hot coupon against the database's distance and its stock shards K",
         [delay_label(delay) for delay in delays],
         series,
         "winning claims per second",
@@ -393,18 +426,20 @@ def measure(args: argparse.Namespace, tools: Tools) -> dict[str, Any]:
             f"({', '.join(round_trips['statements'])}); the lock held across "
             f"{round_trips['under_lock']}"
         )
-        settings = gunicorn_settings(
-            {**direct_env, "WEB_CONCURRENCY": str(args.workers), "GUNICORN_THREADS": "1"}
-        )
+        settings = gunicorn_settings({**direct_env, "GUNICORN_THREADS": "1"})
         direct = probe_round_trip(database_url)
         print(
-            f"through the service: gunicorn {settings}; wrk {WRK_THREADS} threads, "
+            f"through the service: gunicorn {settings}, {args.workers} workers for K = 1, "
+            f"{args.shard_workers} for K > 1; wrk {WRK_THREADS} threads, "
             f"{CONNECTIONS} connections, {args.seconds} s a delay; loopback round trip "
             f"{direct['median']:.3f} ms"
         )
         app = []
-        for index, delay_ms in enumerate([None, *args.delays] if args.direct else args.delays):
-            run = run_delay(tools, database_url, delay_ms, index, args, round_trips)
+        delays = [None, *args.delays] if args.direct else args.delays
+        shard_counts = [int(k) for k in args.stock_shards]
+        combinations = [(delay, shards) for delay in delays for shards in shard_counts]
+        for index, (delay_ms, shards) in enumerate(combinations):
+            run = run_delay(tools, database_url, delay_ms, shards, index, args, round_trips)
             print_run(run)
             app.append(run)
     database = None
@@ -421,11 +456,13 @@ def measure(args: argparse.Namespace, tools: Tools) -> dict[str, Any]:
         "machine": {"nproc": os.cpu_count(), "cpu_model": _cpu_model()},
         "settings": {
             "gunicorn": settings,
+            "workers": args.workers,
+            "shard_workers": args.shard_workers,
             "wrk_threads": WRK_THREADS,
             "connections": CONNECTIONS,
             "seconds": args.seconds,
             "stock": STOCK,
-            "coupon_body": coupon_body("<name>", STOCK),
+            "coupon_body": coupon_body("<name>", STOCK, 16),
         },
         "loopback_rtt_ms": {key: round(value, 3) for key, value in direct.items()},
         "round_trips": round_trips,
@@ -463,7 +500,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--delays", type=shards_db.numbers, default=shards_db.DELAYS_MS, help="one-way, in ms"
     )
     parser.add_argument("--seconds", type=int, default=SECONDS, help="claims at each delay")
-    parser.add_argument("--workers", type=int, default=WORKERS, help="gunicorn sync workers")
+    parser.add_argument(
+        "--stock-shards",
+        type=shards_db.numbers,
+        default=STOCK_SHARDS,
+        help="the coupon's stock_shards, K, through the service",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=WORKERS, help="gunicorn sync workers for K = 1"
+    )
+    parser.add_argument(
+        "--shard-workers", type=int, default=SHARD_WORKERS, help="gunicorn sync workers for K > 1"
+    )
     parser.add_argument(
         "--no-direct",
         dest="direct",
@@ -482,8 +530,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--clients", type=int, default=shards_db.CLIENTS, help="pgbench clients")
     args = parser.parse_args(argv)
-    if args.seconds < 1 or args.db_seconds < 1 or args.workers < 1:
-        parser.error("--seconds, --db-seconds and --workers must be at least 1")
+    if min(args.seconds, args.db_seconds, args.workers, args.shard_workers) < 1:
+        parser.error("--seconds, --db-seconds and the workers must be at least 1")
+    if not all(k == int(k) and 1 <= k <= 64 for k in args.stock_shards):
+        parser.error("--stock-shards must be whole numbers from 1 to 64")
     return args
 
 
@@ -504,7 +554,8 @@ def main(argv: list[str]) -> int:
     CHART.write_text(
         app_chart(
             document,
-            f"{document['date'][:10]}, 2 shared cores, gunicorn {args.workers} sync workers",
+            f"{document['date'][:10]}, 2 shared cores, gunicorn sync workers: {args.workers} "
+            f"for K = 1, {args.shard_workers} for K > 1",
         )
     )
     if document["database"]:

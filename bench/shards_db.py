@@ -5,16 +5,16 @@ pgbench alone, without the service.
                                         [--seconds 10] [--clients 32]
 
 It creates the throwaway database coupons_bench_shards on DATABASE_URL's server (default
-127.0.0.1:5432; the database DATABASE_URL names is never touched), migrates it (the
-service's tables) and adds a scratch table, bench_shards (coupon_id, shard, remaining).
-Then for each one-way delay D (the round trip is 2 × D) it runs, with pgbench's prepared
-protocol, --clients clients and 2 threads, for --seconds each:
+127.0.0.1:5432; the database DATABASE_URL names is never touched) and migrates it (the
+service's tables). Then for each one-way delay D (the round trip is 2 × D) it runs, with
+pgbench's prepared protocol, --clients clients and 2 threads, for --seconds each, for
+each K of --shard-counts:
 
-- bench/claim_rtt.pgbench: a winning claim as the service sends it today, on one coupon
+- K = 1, bench/claim_rtt.pgbench: a winning claim as the service sends it, on the coupon's
   row, with a \\sleep of one round trip for each of the two the lock is held across;
-- bench/claim_shard.pgbench, for each K of --shard-counts: the same claim with the stock
-  split over K rows of bench_shards, each transaction locking one shard with
-  SKIP LOCKED (waiting for one at random when all are held).
+- K > 1, bench/claim_shard.pgbench: the claim of a coupon with K stock shards
+  (coupons_stockshard), each transaction locking one shard with SKIP LOCKED (waiting for
+  the first when all are held), as the service does.
 
 Every run gets a coupon of its own, with a stock it cannot use up, and is verified: no
 failed transaction, one claim recorded per transaction, the stock left equal to the stock
@@ -75,13 +75,23 @@ def database_url(name: str) -> str:
     return urlunsplit(urlsplit(bench_database_url())._replace(path=f"/{name}"))
 
 
-def _create_coupon(url: str, name: str, stock: int) -> int:
+def _create_coupon(url: str, name: str, stock: int, shards: int) -> int:
+    """A coupon with its stock on its row (shards 1) or split evenly over its shards, as
+    services.create_coupon stores it."""
     [(coupon_id,)] = sql(
         url,
-        "INSERT INTO coupons_coupon (name, amount, remaining_amount, created_at, updated_at) "
-        "VALUES (%s, %s, %s, now(), now()) RETURNING id",
-        (name, stock, stock),
+        "INSERT INTO coupons_coupon"
+        " (name, amount, remaining_amount, stock_shards, created_at, updated_at)"
+        " VALUES (%s, %s, %s, %s, now(), now()) RETURNING id",
+        (name, stock, stock if shards == 1 else 0, shards),
     )
+    if shards > 1:
+        sql(
+            url,
+            "INSERT INTO coupons_stockshard (coupon_id, number, remaining_amount) "
+            "SELECT %s, number, %s FROM generate_series(0, %s - 1) AS number",
+            (coupon_id, stock // shards, shards),
+        )
     return int(coupon_id)
 
 
@@ -101,27 +111,21 @@ def run_one(
     url: str,
     *,
     delay_ms: float,
-    shards: int | None,
+    shards: int,
     seconds: int,
     clients: int,
     run: str,
 ) -> dict[str, Any]:
-    """Run today's claim (shards None) or the K-shard claim at one delay; verify it."""
-    coupon_id = _create_coupon(url, f"shards-db-{run}", STOCK)
+    """Run the claim of a coupon with K stock shards at one delay (K = 1: on the coupon's
+    row, as the service does); verify it."""
+    stock = STOCK // shards * shards
+    coupon_id = _create_coupon(url, f"shards-db-{run}", stock, shards)
     variables = {
         "coupon_id": str(coupon_id),
         "run": run,
         "n": "0",
         "rtt_us": str(round(2 * delay_ms * 1000)),
     }
-    if shards is not None:
-        variables["shards"] = str(shards)
-        sql(
-            url,
-            "INSERT INTO bench_shards (coupon_id, shard, remaining) "
-            "SELECT %s, shard, %s FROM generate_series(1, %s) AS shard",
-            (coupon_id, STOCK // shards, shards),
-        )
     groups = {"postgres": lambda: postgres_ticks(url), "pgbench": children_ticks}
     with CpuShare(groups) as cpu:
         result = run_pgbench(
@@ -130,7 +134,7 @@ def run_one(
             clients=clients,
             seconds=seconds,
             variables=variables,
-            script="claim_rtt.pgbench" if shards is None else "claim_shard.pgbench",
+            script="claim_rtt.pgbench" if shards == 1 else "claim_shard.pgbench",
             protocol="prepared",
         )
     claims, waited = _claims(url, coupon_id)
@@ -139,16 +143,13 @@ def run_one(
         problems.append(
             f"{result.transactions} transactions, {result.failed} failed, {claims} claims"
         )
-    if shards is None:
-        [(left,)] = sql(
-            url, "SELECT remaining_amount FROM coupons_coupon WHERE id = %s", (coupon_id,)
-        )
-        stock = STOCK
-    else:
-        [(left,)] = sql(
-            url, "SELECT sum(remaining) FROM bench_shards WHERE coupon_id = %s", (coupon_id,)
-        )
-        stock = STOCK // shards * shards
+    [(left,)] = sql(
+        url,
+        "SELECT c.remaining_amount + coalesce((SELECT sum(s.remaining_amount)"
+        " FROM coupons_stockshard s WHERE s.coupon_id = c.id), 0)"
+        " FROM coupons_coupon c WHERE c.id = %s",
+        (coupon_id,),
+    )
     if left != stock - claims:
         problems.append(f"stock left {left} != stock {stock} - {claims} claims")
     return {
@@ -158,7 +159,7 @@ def run_one(
         "tps": round(result.tps, 1),
         "latency_ms": result.latency_ms,
         "transactions": result.transactions,
-        "waited_share": round(waited / claims, 3) if shards is not None and claims else None,
+        "waited_share": round(waited / claims, 3) if shards > 1 and claims else None,
         "cpu": {name: round(share, 3) for name, share in cpu.shares.items()},
         "problems": problems,
     }
@@ -166,9 +167,9 @@ def run_one(
 
 def label(run: dict[str, Any]) -> str:
     """What a run measured, for the tables."""
-    if run["shards"] is None:
-        return "today's claim, one row"
-    return f"K = {run['shards']} shard{'s' if run['shards'] != 1 else ''}"
+    if run["shards"] == 1:
+        return "K = 1: the coupon's row"
+    return f"K = {run['shards']} shards"
 
 
 def print_run(run: dict[str, Any]) -> None:
@@ -200,16 +201,8 @@ def measure(
     )
     with fresh_database(url):
         migrate(service_env(url, port=8080))
-        sql(
-            url,
-            "CREATE TABLE bench_shards ("
-            " coupon_id bigint NOT NULL REFERENCES coupons_coupon (id),"
-            " shard integer NOT NULL,"
-            " remaining integer NOT NULL CHECK (remaining >= 0),"
-            " PRIMARY KEY (coupon_id, shard))",
-        )
         for delay_index, delay_ms in enumerate(delays):
-            for shards in [None, *shard_counts]:
+            for shards in shard_counts:
                 run = run_one(
                     tools,
                     url,
@@ -217,7 +210,7 @@ def measure(
                     shards=shards,
                     seconds=seconds,
                     clients=clients,
-                    run=f"{tag}{delay_index}{shards or 0}",
+                    run=f"{tag}{delay_index}{shards}",
                 )
                 print_run(run)
                 runs.append(run)
