@@ -6,6 +6,7 @@ from typing import IO, Any
 
 import django_filters
 from django.core.exceptions import ValidationError
+from django.db import router
 from django.db.models import QuerySet
 from django.http import HttpResponse
 from django.utils import timezone
@@ -31,6 +32,7 @@ from coupons.serializers import (
     CouponSerializer,
     idempotency_key,
 )
+from couponsite.routers import reads_from_replica
 
 
 class AlwaysJSON(DefaultContentNegotiation):
@@ -135,6 +137,11 @@ class CouponViewSet(JSONApi, mixins.ListModelMixin, viewsets.GenericViewSet[Coup
     # Any name without "/", percent-encoded in the path.
     lookup_value_regex = "[^/]+"
 
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        # From the replica, if one is configured: the listing may lag the primary.
+        with reads_from_replica():
+            return super().list(request, *args, **kwargs)
+
     @extend_schema(**schema.CREATE)
     def create(self, request: Request) -> Response:
         serializer = self.get_serializer(data=request.data)
@@ -145,8 +152,10 @@ class CouponViewSet(JSONApi, mixins.ListModelMixin, viewsets.GenericViewSet[Coup
     @extend_schema(**schema.DETAILS)
     def retrieve(self, request: Request, name: str) -> HttpResponse:
         refuse_impossible_name(name)
-        # Written by the database, in CouponDetailsSerializer's shape (details_document.py).
-        document = details_document(name)
+        # Written by the database, in CouponDetailsSerializer's shape (details_document.py),
+        # from the replica if one is configured: the details may lag the primary.
+        with reads_from_replica():
+            document = details_document(name, using=router.db_for_read(Coupon))
         if document is None:
             raise CouponNotFound()
         return HttpResponse(document, content_type="application/json")

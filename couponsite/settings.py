@@ -130,19 +130,22 @@ DB_POOLER = os.environ.get("DB_POOLER", "").strip().lower() or "none"
 if DB_POOLER not in {"none", "pgbouncer"}:
     raise ImproperlyConfigured(f"DB_POOLER must be none or pgbouncer, not {DB_POOLER!r}.")
 BEHIND_PGBOUNCER = DB_POOLER == "pgbouncer"
-if DATABASE_URL:
-    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=CONN_MAX_AGE)}
+
+
+def postgresql_database(url: str) -> dj_database_url.DBConfig:
+    """The DATABASES entry for the PostgreSQL URL, with the options below."""
+    database = dj_database_url.parse(url, conn_max_age=CONN_MAX_AGE)
     # Send parameters apart from the SQL and prepare a statement once it has run 5 times
     # on a connection: PostgreSQL then skips parsing and planning it on every claim.
     # Behind PgBouncer the parameters are still sent apart (in unnamed statements, parsed
     # and run in one exchange), but nothing is prepared.
-    DATABASES["default"].setdefault("OPTIONS", {}).update(
+    database.setdefault("OPTIONS", {}).update(
         server_side_binding=True,
         prepare_threshold=(
             None if BEHIND_PGBOUNCER else int(os.environ.get("PREPARE_THRESHOLD", "5") or 0) or None
         ),
     )
-    DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = BEHIND_PGBOUNCER
+    database["DISABLE_SERVER_SIDE_CURSORS"] = BEHIND_PGBOUNCER
     # No request waits on the database for long: it gets a 503 to retry instead, well
     # before gunicorn's timeout would kill its worker. A connection attempt gives up after
     # DB_CONNECT_TIMEOUT seconds (a server that does not answer); a statement is cancelled
@@ -150,7 +153,7 @@ if DATABASE_URL:
     # a session idle inside a transaction for DB_IDLE_IN_TRANSACTION_TIMEOUT_MS (a worker
     # stuck while it holds a coupon's lock, which every claim of that coupon waits for) is
     # ended, its transaction rolled back. 0 turns either of these two off. A connect_timeout
-    # or options given in DATABASE_URL's query string win.
+    # or options given in the URL's query string win.
     session_timeouts = {
         "statement_timeout": int(os.environ.get("DB_STATEMENT_TIMEOUT_MS") or 5000),
         "idle_in_transaction_session_timeout": int(
@@ -158,7 +161,7 @@ if DATABASE_URL:
         ),
     }
     timeouts = " ".join(f"-c {name}={value}" for name, value in session_timeouts.items())
-    database_options = DATABASES["default"]["OPTIONS"]
+    database_options = database["OPTIONS"]
     if not BEHIND_PGBOUNCER:
         database_options["options"] = f"{timeouts} {database_options.get('options', '')}".strip()
     elif os.environ.get("DB_STATEMENT_TIMEOUT_MS") or os.environ.get(
@@ -170,6 +173,11 @@ if DATABASE_URL:
             "connect_query, as deploy/pgbouncer.ini does."
         )
     database_options.setdefault("connect_timeout", int(os.environ.get("DB_CONNECT_TIMEOUT") or 3))
+    return database
+
+
+if DATABASE_URL:
+    DATABASES = {"default": postgresql_database(DATABASE_URL)}
 else:
     DATABASES = {
         "default": {
@@ -187,6 +195,21 @@ else:
             },
         }
     }
+
+# DATABASE_REPLICA_URL: a read replica of DATABASE_URL's database (a hot standby), taken
+# with the same options and DB_POOLER. Only the coupon details and the listing read from it
+# (couponsite/routers.py), and may lag the primary by the replication delay; everything
+# else stays on the primary (docs/scaling.md, "Reads from a replica").
+DATABASE_REPLICA_URL = os.environ.get("DATABASE_REPLICA_URL", "")
+if DATABASE_REPLICA_URL:
+    if not DATABASE_URL:
+        raise ImproperlyConfigured(
+            "DATABASE_REPLICA_URL names a replica of DATABASE_URL's PostgreSQL: set both."
+        )
+    DATABASES["replica"] = postgresql_database(DATABASE_REPLICA_URL)
+    # Tests read the primary's test database through it, as they would a replica of it.
+    DATABASES["replica"]["TEST"] = {"MIRROR": "default"}
+    DATABASE_ROUTERS = ["couponsite.routers.ReplicaRouter"]
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
