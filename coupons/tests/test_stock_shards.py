@@ -62,6 +62,25 @@ def claim_in_a_thread(user_id: str, name: str = "PROMO") -> tuple[threading.Thre
     return thread, outcome
 
 
+def claims_while(held: contextlib.AbstractContextManager[object], user_id: str = "u") -> bool:
+    """Whether a claim made while `held` is entered succeeds without waiting for it to end."""
+    with held:
+        thread, outcome = claim_in_a_thread(user_id)
+        thread.join(10)
+        finished_while_held = not thread.is_alive()
+    thread.join(10)
+    return finished_while_held and not isinstance(outcome[0], Exception)
+
+
+@contextlib.contextmanager
+def coupon_row_held(coupon: Coupon) -> Iterator[None]:
+    """Hold the coupon's row locked from another connection, as a claim of a one-row coupon
+    or an operator's change would."""
+    with psycopg.connect(**connection.get_connection_params()) as other:
+        other.execute("SELECT id FROM coupons_coupon WHERE id = %s FOR NO KEY UPDATE", [coupon.pk])
+        yield
+
+
 def test_the_stock_is_split_as_evenly_as_it_goes() -> None:
     assert split_stock(10, 4) == [3, 3, 2, 2]
     assert split_stock(3, 8) == [1, 1, 1, 0, 0, 0, 0, 0]
@@ -94,31 +113,16 @@ def test_claims_take_every_unit_of_every_shard_then_find_it_sold_out() -> None:
 def test_a_claim_passes_a_shard_another_claim_holds() -> None:
     coupon = services.create_coupon(name="PROMO", amount=10, stock_shards=2)
 
-    with shards_held(coupon, 0):
-        thread, outcome = claim_in_a_thread("u")
-        thread.join(10)
-        finished_while_held = not thread.is_alive()
-
-    thread.join(10)
-    assert finished_while_held
-    assert not isinstance(outcome[0], Exception), outcome
+    assert claims_while(shards_held(coupon, 0))
     assert shard_stock(coupon) == [5, 4]
 
 
 def test_a_claim_leaves_the_coupon_row_to_other_claims() -> None:
     # A claim of a coupon with shards locks no more than its shard: the coupon's row, held
-    # here as a claim of a one-row coupon would hold it, does not stop it.
+    # as a claim of a one-row coupon would hold it, does not stop it.
     coupon = services.create_coupon(name="PROMO", amount=10, stock_shards=2)
 
-    with psycopg.connect(**connection.get_connection_params()) as other:
-        other.execute("SELECT id FROM coupons_coupon WHERE id = %s FOR NO KEY UPDATE", [coupon.pk])
-        thread, outcome = claim_in_a_thread("u")
-        thread.join(10)
-        finished_while_held = not thread.is_alive()
-    thread.join(10)
-
-    assert finished_while_held
-    assert not isinstance(outcome[0], Exception), outcome
+    assert claims_while(coupon_row_held(coupon))
     assert stock_left(coupon) == 9
 
 
