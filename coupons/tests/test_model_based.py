@@ -1,17 +1,22 @@
 """The service against a model of it: hypothesis drives random sequences of creating
-coupons, claiming, revoking claims and changing amounts, on gunicorn and PostgreSQL, and a
-few lines of plain Python that say what each step should answer and leave behind.
+coupons (on one stock row or over several stock shards), claiming, revoking claims and
+changing amounts and stock shards, on gunicorn and PostgreSQL, and a few lines of plain
+Python that say what each step should answer and leave behind.
 
 After every step, every coupon's details must be the model's (amount, remaining_amount and
 claimed_by, in claim order) and keep the invariants: remaining_amount == amount - claims
->= 0, each user at most once.
+>= 0, each user at most once; and its stock must be where its stock shards say (on its row
+with one, else in shards numbered 0 to K - 1).
 
-Amounts change as an operator changes them in the admin: through
-services.change_coupon_amount, called in this process on the server's database, since no
-endpoint offers it. Driving the admin's HTML forms would test the forms as much as the
-rule. The server runs without its sold-out memory (SOLD_OUT_MEMORY_SECONDS=0): a change
-made outside its processes reaches that memory only after a second, as documented, which
-a step-by-step model cannot wait for (test_services.py covers the memory).
+Amounts and stock shards change as an operator changes them in the admin: through
+services.change_coupon_amount and services.change_stock_shards, called in this process on
+the server's database, since no endpoint offers them. Driving the admin's HTML forms would
+test the forms as much as the rule. A change of stock shards changes nothing a client sees:
+the model keeps its stock, claimants and amount, and the server's workers, which remember
+where a coupon's stock was, must find it where it now is. The server runs without its
+sold-out memory (SOLD_OUT_MEMORY_SECONDS=0): a change made outside its processes reaches
+that memory only after a second, as documented, which a step-by-step model cannot wait
+for (test_services.py covers the memory).
 """
 
 from collections.abc import Iterator
@@ -36,7 +41,7 @@ from pytest_django import DjangoDbBlocker
 
 from coupons import services
 from coupons.errors import AmountBelowClaimed
-from coupons.models import Coupon
+from coupons.models import Coupon, StockShard
 from coupons.tests import live
 
 # Few names and users, so that steps keep meeting the same coupons and claims. "claim" is
@@ -45,6 +50,9 @@ COUPON_NAMES = ["PROMO", "Sale 券", "claim"]
 USER_IDS = ["ana", "bo", "Zoë 7", "team/42"]
 # Small stocks, so that coupons sell out within a few claims.
 AMOUNTS = st.integers(min_value=1, max_value=4)
+# One stock row, or shards: fewer, as many as or more than the stock.
+SHARD_COUNTS = [1, 2, 4, 16]
+STOCK_SHARDS = st.sampled_from(SHARD_COUNTS)
 
 # Sequences and steps: a few thousand requests in all, some tens of seconds.
 SEQUENCES = 30
@@ -54,6 +62,7 @@ STEPS_PER_SEQUENCE = 35
 @dataclass
 class ModelCoupon:
     amount: int
+    stock_shards: int = 1
     claimed_by: list[str] = field(default_factory=list)
 
     @property
@@ -73,13 +82,18 @@ class CouponService(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.coupons: dict[str, ModelCoupon] = {}
+        # Coupons whose stock shards changed since they were last claimed: a worker may
+        # still remember where their stock was.
+        self.reshaped: set[str] = set()
 
-    @initialize(amounts=st.lists(AMOUNTS, min_size=1, max_size=len(COUPON_NAMES)))
-    def start_with_some_coupons(self, amounts: list[int]) -> None:
+    @initialize(
+        coupons=st.lists(st.tuples(AMOUNTS, STOCK_SHARDS), min_size=1, max_size=len(COUPON_NAMES))
+    )
+    def start_with_some_coupons(self, coupons: list[tuple[int, int]]) -> None:
         for coupon_id in Coupon.objects.values_list("pk", flat=True):
             services.delete_coupon(coupon_id=coupon_id)
-        for name, amount in zip(COUPON_NAMES, amounts, strict=False):
-            self.create_coupon(name, amount)
+        for name, (amount, stock_shards) in zip(COUPON_NAMES, coupons, strict=False):
+            self.create_coupon(name, amount, stock_shards)
 
     def send(self, method: str, path: str, body: Any = None) -> live.Response:
         return self.server.request(method, path, body)
@@ -103,14 +117,15 @@ class CouponService(RuleBasedStateMachine):
     def sold_out(self) -> list[str]:
         return [name for name, coupon in self.coupons.items() if coupon.remaining_amount == 0]
 
-    @rule(name=st.sampled_from(COUPON_NAMES), amount=AMOUNTS)
-    def create_coupon(self, name: str, amount: int) -> None:
-        response = self.send("POST", "/api/coupons", {"name": name, "amount": amount})
+    @rule(name=st.sampled_from(COUPON_NAMES), amount=AMOUNTS, stock_shards=STOCK_SHARDS)
+    def create_coupon(self, name: str, amount: int, stock_shards: int) -> None:
+        body = {"name": name, "amount": amount, "stock_shards": stock_shards}
+        response = self.send("POST", "/api/coupons", body)
 
         if name in self.coupons:
             assert_refused(response, 409, "coupon_exists")
         else:
-            self.coupons[name] = ModelCoupon(amount)
+            self.coupons[name] = ModelCoupon(amount, stock_shards)
             assert response.status == 201, response
             assert response.body == self.details_of(name)
 
@@ -118,6 +133,7 @@ class CouponService(RuleBasedStateMachine):
     def claim(self, user: str, name: str) -> None:
         response = self.send("POST", "/api/coupons/claim", {"user_id": user, "coupon_name": name})
 
+        self.reshaped.discard(name)
         coupon = self.coupons.get(name)
         if coupon is None:
             assert_refused(response, 404, "coupon_not_found")
@@ -216,6 +232,28 @@ class CouponService(RuleBasedStateMachine):
         if not refused:
             coupon.amount = amount
 
+    @precondition(lambda self: bool(self.coupons))
+    @rule(data=st.data())
+    def change_stock_shards(self, data: st.DataObject) -> None:
+        """Split the stock anew as the admin does, through the service, in this process:
+        what clients see stays as it was."""
+        name = data.draw(st.sampled_from(sorted(self.coupons)), label="coupon")
+        coupon = self.coupons[name]
+        others = [count for count in SHARD_COUNTS if count != coupon.stock_shards]
+        stock_shards = data.draw(st.sampled_from(others), label="stock shards")
+
+        services.change_stock_shards(
+            coupon_id=Coupon.objects.get(name=name).pk, stock_shards=stock_shards
+        )
+
+        coupon.stock_shards = stock_shards
+        self.reshaped.add(name)
+
+    @precondition(lambda self: bool(self.reshaped))
+    @rule(data=st.data(), user=st.sampled_from(USER_IDS))
+    def claim_a_reshaped_coupon(self, data: st.DataObject, user: str) -> None:
+        self.claim(user, data.draw(st.sampled_from(sorted(self.reshaped)), label="reshaped"))
+
     @rule(user=st.sampled_from(USER_IDS), name=st.sampled_from(COUPON_NAMES))
     def look_up_claim(self, user: str, name: str) -> None:
         response = self.send("GET", path_of(name, "claims", user))
@@ -253,6 +291,28 @@ class CouponService(RuleBasedStateMachine):
             assert details["remaining_amount"] >= 0
             assert details["remaining_amount"] == details["amount"] - len(details["claimed_by"])
             assert len(set(details["claimed_by"])) == len(details["claimed_by"])
+
+    @invariant()
+    def every_coupons_stock_is_where_its_stock_shards_say(self) -> None:
+        coupons = Coupon.objects.with_stock().values_list(
+            "name", "stock_shards", "remaining_amount", "shard_stock"
+        )
+        shards: dict[str, list[int]] = {}
+        for name, number in StockShard.objects.values_list("coupon__name", "number"):
+            shards.setdefault(name, []).append(number)
+        stored = {
+            name: (stock_shards, row, in_shards, sorted(shards.get(name, [])))
+            for name, stock_shards, row, in_shards in coupons
+        }
+        assert stored == {
+            name: (
+                coupon.stock_shards,
+                coupon.remaining_amount if coupon.stock_shards == 1 else 0,
+                0 if coupon.stock_shards == 1 else coupon.remaining_amount,
+                list(range(coupon.stock_shards)) if coupon.stock_shards > 1 else [],
+            )
+            for name, coupon in self.coupons.items()
+        }
 
 
 def assert_refused(response: live.Response, status: int, code: str) -> None:
