@@ -294,15 +294,17 @@ class CouponService(RuleBasedStateMachine):
 
     @invariant()
     def every_coupons_stock_is_where_its_stock_shards_say(self) -> None:
-        coupons = Coupon.objects.with_stock().values_list(
-            "name", "stock_shards", "remaining_amount", "shard_stock"
-        )
         shards: dict[str, list[int]] = {}
         for name, number in StockShard.objects.values_list("coupon__name", "number"):
             shards.setdefault(name, []).append(number)
         stored = {
-            name: (stock_shards, row, in_shards, sorted(shards.get(name, [])))
-            for name, stock_shards, row, in_shards in coupons
+            coupon.name: (
+                coupon.stock_shards,
+                coupon.remaining_amount,
+                coupon.stock_left - coupon.remaining_amount,
+                sorted(shards.get(coupon.name, [])),
+            )
+            for coupon in Coupon.objects.with_stock()
         }
         assert stored == {
             name: (
