@@ -222,6 +222,25 @@ def test_the_changelist_shows_the_stock_summed_over_the_shards(
     assert (rows["OPEN"].claimed_count, rows["GONE"].claimed_count) == (3, 2)
 
 
+def test_the_sale_panel_shows_the_stock_summed_over_the_shards(
+    admin_client: Client, sharded_coupons: None
+) -> None:
+    coupon = Coupon.objects.get(name="OPEN")
+
+    for page in [
+        f"/admin/coupons/coupon/{coupon.pk}/change/",
+        f"/admin/coupons/coupon/{coupon.pk}/activity/",
+    ]:
+        content = admin_client.get(page).content.decode()
+        numbers = re.search(
+            r'id="sale-claimed">(\d+)</strong> of (\d+) claimed.*?id="sale-remaining">(\d+)<',
+            content,
+            re.S,
+        )
+        assert numbers is not None, page
+        assert numbers.groups() == ("3", "10", "7"), page
+
+
 @pytest.mark.parametrize(("sale", "names"), [("on_sale", {"OPEN"}), ("sold_out", {"GONE"})])
 def test_the_sale_filter_sums_the_shards(
     admin_client: Client, sharded_coupons: None, sale: str, names: set[str]
