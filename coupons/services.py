@@ -486,10 +486,13 @@ class SoldOutMemory:
         if settings.SOLD_OUT_MEMORY_SECONDS <= 0:
             return
         entry = self._coupons.get(coupon.name)
+        version = (coupon.pk, coupon.updated_at)
         if not sold_out:
             claimants: frozenset[str] = frozenset()
-        elif entry and (entry.coupon_id, entry.version) == (coupon.pk, coupon.updated_at):
-            claimants = entry.claimants  # Unchanged since it was loaded.
+        elif entry and entry.sold_out and (entry.coupon_id, entry.version) == version:
+            # Sold out then and unchanged since: the same holders. (Claims on stock shards
+            # leave `updated_at` alone, so an entry from before the sell-out has none.)
+            claimants = entry.claimants
         else:
             holders = ClaimHistory.objects.filter(coupon_id=coupon.pk).values_list("user_id")
             if holders[self.max_claimants : self.max_claimants + 1].exists():

@@ -13,7 +13,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from coupons import services
-from coupons.errors import AlreadyClaimed, OutOfStock, SaleEnded
+from coupons.errors import AlreadyClaimed, OutOfStock, SaleEnded, SaleNotStarted
 from coupons.models import Coupon, StockShard, split_stock
 from coupons.tests.test_services import a_claim_waits_for_a_lock, claimants, in_threads
 
@@ -274,3 +274,23 @@ def test_a_sold_out_sharded_coupon_is_refused_from_memory() -> None:
         services.claim_coupon(coupon_name="PROMO", user_id="a")
 
     assert (len(queries), len(more)) == (0, 0)
+
+
+def test_a_timed_sale_sold_out_on_its_shards_still_tells_its_holders_they_hold_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    opening = timezone.now() + datetime.timedelta(hours=1)
+    services.create_coupon(name="PROMO", amount=2, stock_shards=2, starts_at=opening)
+    with pytest.raises(SaleNotStarted):  # Remembered: not on sale yet, nobody holds it.
+        services.claim_coupon(coupon_name="PROMO", user_id="a")
+
+    # The sale opens and sells out on its shards, which leave the coupon's row as it was.
+    later = opening + datetime.timedelta(seconds=1)
+    monkeypatch.setattr(timezone, "now", lambda: later)
+    services.claim_coupon(coupon_name="PROMO", user_id="a")
+    services.claim_coupon(coupon_name="PROMO", user_id="b")
+    with pytest.raises(OutOfStock):
+        services.claim_coupon(coupon_name="PROMO", user_id="c")
+
+    with pytest.raises(AlreadyClaimed):
+        services.claim_coupon(coupon_name="PROMO", user_id="a")
