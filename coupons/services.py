@@ -231,7 +231,11 @@ def _claim(coupon_name: str, user_id: str, idempotency_key: str | None) -> Claim
             raise CouponNotFound() from None
         raise _StockMoved from None
     except (SaleNotStarted, SaleEnded, OutOfStock):
-        # Raised only on what the lock read: `coupon` is that row, as it stands.
+        # Raised only on what the lock read: `coupon` is that row, as it stands; but a
+        # shard's claim reads the coupon's row without locking it, as it stood when the
+        # shard's statement began, which may have waited for an operator's change.
+        if shard is not None and _changed_since_read(coupon):
+            raise _StockMoved from None
         on_sale_memory.discard(coupon_name)
         sold_out_memory.remember(coupon, sold_out=sold_out)
         raise
@@ -244,6 +248,12 @@ def _claim(coupon_name: str, user_id: str, idempotency_key: str | None) -> Claim
             raise AlreadyClaimed() from None
         raise
     return claim
+
+
+def _changed_since_read(coupon: Coupon) -> bool:
+    """Whether the coupon's row has changed since `coupon` was read (every change moves
+    its `updated_at`, or deletes it)."""
+    return not Coupon.objects.filter(pk=coupon.pk, updated_at=coupon.updated_at).exists()
 
 
 def _lock_a_shard(coupon_id: int, user_id: str) -> tuple[Coupon, StockShard | None]:

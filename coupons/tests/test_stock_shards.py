@@ -294,3 +294,36 @@ def test_a_timed_sale_sold_out_on_its_shards_still_tells_its_holders_they_hold_i
 
     with pytest.raises(AlreadyClaimed):
         services.claim_coupon(coupon_name="PROMO", user_id="a")
+
+
+def test_a_claim_waiting_for_a_shard_sees_the_window_an_operator_reopened_meanwhile() -> None:
+    coupon = services.create_coupon(name="PROMO", amount=10, stock_shards=2)
+    services.claim_coupon(coupon_name="PROMO", user_id="early")  # Its route is remembered.
+    # Closed by another process, behind this one's back: the route stays remembered.
+    Coupon.objects.filter(pk=coupon.pk).update(
+        ends_at=timezone.now() - datetime.timedelta(seconds=1), updated_at=timezone.now()
+    )
+    changed, commit = threading.Event(), threading.Event()
+
+    def operator() -> None:
+        try:
+            with transaction.atomic():
+                services.change_sale_window(coupon_id=coupon.pk, starts_at=None, ends_at=None)
+                changed.set()
+                commit.wait(10)
+        finally:
+            connection.close()
+
+    reopening = threading.Thread(target=operator)
+    reopening.start()
+    assert changed.wait(10)
+    thread, outcome = claim_in_a_thread("late")
+    # The claim waits for a shard, having read the window as it stood before the reopening.
+    assert a_claim_waits_for_a_lock("FOR NO KEY UPDATE OF")
+    commit.set()
+    reopening.join(10)
+    thread.join(10)
+
+    assert not isinstance(outcome[0], Exception), outcome
+    assert claimants(coupon) == ["early", "late"]
+    assert stock_left(coupon) == 8
