@@ -58,12 +58,12 @@ class OneStatementClaimWrite(models.QuerySet["ClaimHistory"]):
                 claimed_at=claimed_at,
                 idempotency_key=idempotency_key,
             )
-            type(stock).objects.using(using).filter(pk=stock.pk).update(
-                remaining_amount=F("remaining_amount") - 1
-            )
+            taken = {"remaining_amount": F("remaining_amount") - 1}
             if shard is None:
-                type(coupon).objects.using(using).filter(pk=coupon.pk).update(updated_at=claimed_at)
+                its_row = type(coupon).objects.using(using).filter(pk=coupon.pk)
+                its_row.update(**taken, updated_at=claimed_at)
                 return claim, None
+            type(shard).objects.using(using).filter(pk=shard.pk).update(**taken)
             versions = type(coupon).objects.using(using).values_list("updated_at", flat=True)
             return claim, versions.get(pk=coupon.pk)
         quote = connection.ops.quote_name
