@@ -164,9 +164,11 @@ def test_the_flash_sale_check_catches_a_claim_without_a_lock() -> None:
 # Beyond the contract: retried claims, revocations and sale windows, under the same load.
 
 
-def test_concurrent_retries_of_one_claim_take_one_unit(servers: list[LiveServer]) -> None:
+def test_concurrent_retries_of_one_claim_take_one_unit(
+    servers: list[LiveServer], stock_shards: int
+) -> None:
     for round_number in range(ROUNDS // 2):
-        name = fresh_coupon(servers[0], 5)
+        name = fresh_coupon(servers[0], 5, stock_shards)
         retries = [claim_request("retrier", name, f"order-{name}")] * 10
 
         responses = concurrently(servers, retries)
@@ -179,9 +181,11 @@ def test_concurrent_retries_of_one_claim_take_one_unit(servers: list[LiveServer]
         assert (details["remaining_amount"], details["claimed_by"]) == (4, ["retrier"])
 
 
-def test_one_key_sent_by_many_users_at_once_claims_for_one(servers: list[LiveServer]) -> None:
+def test_one_key_sent_by_many_users_at_once_claims_for_one(
+    servers: list[LiveServer], stock_shards: int
+) -> None:
     for round_number in range(ROUNDS // 4):
-        name = fresh_coupon(servers[0], 5)
+        name = fresh_coupon(servers[0], 5, stock_shards)
         key = f"shared-{name}"
         responses = concurrently(servers, [claim_request(f"u{n}", name, key) for n in range(10)])
 
