@@ -369,6 +369,8 @@ def change_coupon_amount(*, coupon_id: int, amount: int) -> Coupon:
     """
     with transaction.atomic():
         coupon = _lock_stock(coupon_id)
+        if amount == coupon.amount:
+            return coupon  # As the admin saves a coupon whose amount it did not change.
         coupon.check_new_amount(amount)
         stock = amount - coupon.claimed_count
         coupon.amount = amount

@@ -196,6 +196,23 @@ def test_changing_the_amount_of_a_sharded_coupon_in_the_admin_spreads_the_new_st
     assert_stock_is_where_the_shards_say(coupon, 20 - 2)
 
 
+def test_saving_a_sharded_coupon_unchanged_in_the_admin_leaves_its_shards_alone(
+    admin_client: Client,
+) -> None:
+    coupon = services.create_coupon(name="HOT", amount=10, stock_shards=4)
+    services.claim_coupon(coupon_name="HOT", user_id="alice")
+    shards = list(StockShard.objects.filter(coupon=coupon).values_list("pk", "remaining_amount"))
+
+    response = change(admin_client, coupon, 10, 4)
+
+    assert response.status_code == 302
+    # The same rows, not made anew: claims waiting for one of them are not sent round again.
+    assert list(StockShard.objects.filter(coupon=coupon).values_list("pk", "remaining_amount")) == (
+        shards
+    )
+    assert Coupon.objects.get(pk=coupon.pk).updated_at == coupon.updated_at
+
+
 @pytest.fixture
 def sharded_coupons() -> None:
     """OPEN: 10 units over 4 shards, 3 claimed; GONE: 2 units over 4 shards, both claimed."""
