@@ -206,9 +206,10 @@ def _claim(coupon_name: str, user_id: str, idempotency_key: str | None) -> Claim
             sold_out = coupon.is_sold_out if shard is None else False
             now = timezone.now()  # The claim's instant: checked against the window, recorded.
             coupon.check_sale_window(now)
-            if sold_out and not coupon.held:
-                # Had this statement waited for the lock, its EXISTS still saw the claims
-                # as they were before the wait: look again, for the contract's order.
+            if sold_out and not coupon.held and shards == 1:
+                # Had the lock's statement waited, its EXISTS still saw the claims as they
+                # were before the wait: look again, for the contract's order. (A coupon with
+                # shards is found sold out by a fresh read that did not wait.)
                 coupon.held = coupon.claims.filter(user_id=user_id).exists()
             if coupon.held:
                 raise AlreadyClaimed()
