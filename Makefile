@@ -89,17 +89,19 @@ bench-compare: $(VENV)/.installed-runtime
 .PHONY: bench-latency bench-shards-db
 
 ## bench-latency: one hot coupon on 1, 4 and 16 stock shards with PostgreSQL 0, 0.5 and 2 ms away (a delaying
-## proxy), then pgbench's K-shard lock at those delays (about 7 minutes); DELAYS=0,1 SHARDS=1,16 DURATION=20 (s)
-## WORKERS=4 SHARD_WORKERS=16 to change; see docs/scaling.md
+## proxy), then pgbench's K-shard lock at those delays (about 10 minutes); DELAYS=0,1 SHARDS=1,16 DURATION=20 (s)
+## WORKERS=4 SHARD_WORKERS=16 SHARD_THREADS=1 to change the service's part; see docs/scaling.md
 bench-latency: $(VENV)/.installed-runtime
 	@command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python bench/latency.py $(if $(DELAYS),--delays $(DELAYS)) \
 		$(if $(SHARDS),--stock-shards $(SHARDS)) $(if $(DURATION),--seconds $(DURATION)) \
-		$(if $(WORKERS),--workers $(WORKERS)) $(if $(SHARD_WORKERS),--shard-workers $(SHARD_WORKERS))
+		$(if $(WORKERS),--workers $(WORKERS)) $(if $(SHARD_WORKERS),--shard-workers $(SHARD_WORKERS)) \
+		$(if $(SHARD_THREADS),--shard-threads $(SHARD_THREADS))
 
 ## bench-shards-db: pgbench alone: one hot row against K = 1, 4, 16 stock shards at 0, 0.5 and 2 ms one-way
 ## (about 2 minutes); DELAYS=… to change; see docs/scaling.md
 bench-shards-db: $(VENV)/.installed-runtime
+	@command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python bench/shards_db.py $(if $(DELAYS),--delays $(DELAYS))
 
 clean:

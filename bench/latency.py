@@ -4,8 +4,8 @@ delays (bench/shards_db.py).
 
     .venv/bin/python bench/latency.py [--delays 0,0.5,2] [--stock-shards 1,4,16]
                                       [--seconds 15] [--workers 4] [--shard-workers 16]
-                                      [--no-direct] [--app-only] [--db-seconds 10]
-                                      [--shard-counts 1,4,16] [--clients 32]
+                                      [--shard-threads 1] [--no-direct] [--app-only]
+                                      [--db-seconds 10] [--shard-counts 1,4,16] [--clients 32]
 
 First it counts a winning claim's round trips, and those it holds the coupon's lock
 across, with libpq's trace (bench/claim_round_trips.py). Then, on the throwaway database
@@ -17,8 +17,9 @@ K of --stock-shards (the coupon's stock_shards):
 1. starts bench/latency_proxy.py in front of PostgreSQL with delay D, and times 200
    `SELECT 1` through it at rest: the round trip the service will see (2 × D + loopback);
 2. starts gunicorn from gunicorn.conf.py (production settings) with its DATABASE_URL
-   through the proxy: --workers sync workers for K = 1, --shard-workers for K > 1, one
-   connection each (see WORKERS and SHARD_WORKERS);
+   through the proxy: --workers sync workers for K = 1, --shard-workers for K > 1 (each
+   with --shard-threads threads, gthread, if above 1), one connection per worker thread
+   (see WORKERS, SHARD_WORKERS and SHARD_THREADS);
 3. warms up with 3 s of claims, then runs "every claim wins" (as B2): wrk, 2 threads,
    64 connections, for --seconds, every claim by a user never seen before on one coupon
    whose stock cannot run out, split over K rows;
@@ -94,6 +95,9 @@ WORKERS = 4
 # flight, so K workers at least keep every shard busy while the network is the limit. 16
 # is the most this 2-core machine runs before its CPU is (docs/scaling.md).
 SHARD_WORKERS = 16
+# Threads per worker for K > 1 (gthread above 1): 4 workers x 4 threads made the same
+# claims/s as 16 sync workers, with a worse p99 (docs/scaling.md).
+SHARD_THREADS = 1
 STOCK_SHARDS = "1,4,16"
 STOCK = 100_000_000  # Far more than --seconds of claims can take at any delay.
 PROBES = 200
@@ -195,8 +199,16 @@ def link(database_url: str, delay_ms: float | None) -> Iterator[RunningProxy | N
         yield proxy
 
 
-def workers_for(args: argparse.Namespace, shards: int) -> int:
-    return int(args.workers if shards == 1 else args.shard_workers)
+def workers_for(args: argparse.Namespace, shards: int) -> tuple[int, int]:
+    """gunicorn's workers and threads per worker for a coupon of `shards` stock shards."""
+    if shards == 1:
+        return args.workers, 1
+    return args.shard_workers, args.shard_threads
+
+
+def workers_label(run: dict[str, Any]) -> str:
+    threads = run.get("threads", 1)
+    return f"{run['workers']} workers" + (f" × {threads} threads" if threads > 1 else "")
 
 
 def run_delay(
@@ -212,12 +224,12 @@ def run_delay(
     (steps 1–5 of the module's docstring); None: straight to PostgreSQL, the reference that
     shows the proxy's own cost."""
     tag = f"{int(time.time())}d{index}"
-    workers = workers_for(args, shards)
+    workers, threads = workers_for(args, shards)
     with link(database_url, delay_ms) as proxy:
         through = proxy.database_url(database_url) if proxy else database_url
         at_rest = probe_round_trip(through)
         env = service_env(through, free_port())
-        env.update(WEB_CONCURRENCY=str(workers), GUNICORN_THREADS="1")
+        env.update(WEB_CONCURRENCY=str(workers), GUNICORN_THREADS=str(threads))
         with running_service(env, LOG_PATH) as service:
             api = Api(service.port)
             create_coupon(api, f"warm-up-{tag}", STOCK, shards)
@@ -244,6 +256,7 @@ def run_delay(
         "delay_ms": delay_ms,
         "stock_shards": shards,
         "workers": workers,
+        "threads": threads,
         "rtt_ms": None if delay_ms is None else 2 * delay_ms,
         "rtt_at_rest_ms": {key: round(value, 3) for key, value in at_rest.items()},
         "claims_per_s": round(result.statuses.get(201, 0) / result.duration_s, 1),
@@ -281,7 +294,7 @@ def print_run(run: dict[str, Any]) -> None:
     cpu, at_rest = run["cpu"], run["rtt_at_rest_ms"]["median"]
     trips = run["round_trips_per_claim"]
     print(
-        f"  {delay_label(run['delay_ms'])}, K = {run['stock_shards']}, {run['workers']} workers, "
+        f"  {delay_label(run['delay_ms'])}, K = {run['stock_shards']}, {workers_label(run)}, "
         f"round trip at rest {at_rest:.2f} ms: "
         f"{run['claims_per_s']:,.0f} claims/s, p50 {run['p50_ms']:.1f} ms, "
         f"p99 {run['p99_ms']:.1f} ms"
@@ -344,7 +357,7 @@ def app_table(document: dict[str, Any]) -> str:
         cells = [
             delay_label(run["delay_ms"]),
             str(run["stock_shards"]),
-            str(run["workers"]),
+            workers_label(run),
             f"{run['rtt_at_rest_ms']['median']:.2f} ms",
             f"{run['claims_per_s']:,.0f}",
             "—" if ratio is None else f"{ratio:.1f}×",
@@ -389,8 +402,7 @@ def app_chart(document: dict[str, Any], caption: str) -> str:
     series: dict[str, list[float | None]] = {}
     for shards in dict.fromkeys(run["stock_shards"] for run in document["app"]):
         runs = {run["delay_ms"]: run for run in document["app"] if run["stock_shards"] == shards}
-        workers = next(iter(runs.values()))["workers"]
-        label = f"through the service, K = {shards} ({workers} workers)"
+        label = f"through the service, K = {shards} ({workers_label(next(iter(runs.values())))})"
         series[label] = [runs[delay]["claims_per_s"] if delay in runs else None for delay in delays]
     database_runs = {
         run["delay_ms"]: run["tps"]
@@ -458,6 +470,7 @@ def measure(args: argparse.Namespace, tools: Tools) -> dict[str, Any]:
             "gunicorn": settings,
             "workers": args.workers,
             "shard_workers": args.shard_workers,
+            "shard_threads": args.shard_threads,
             "wrk_threads": WRK_THREADS,
             "connections": CONNECTIONS,
             "seconds": args.seconds,
@@ -513,6 +526,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--shard-workers", type=int, default=SHARD_WORKERS, help="gunicorn sync workers for K > 1"
     )
     parser.add_argument(
+        "--shard-threads",
+        type=int,
+        default=SHARD_THREADS,
+        help="threads per gunicorn worker for K > 1 (gthread above 1)",
+    )
+    parser.add_argument(
         "--no-direct",
         dest="direct",
         action="store_false",
@@ -530,7 +549,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--clients", type=int, default=shards_db.CLIENTS, help="pgbench clients")
     args = parser.parse_args(argv)
-    if min(args.seconds, args.db_seconds, args.workers, args.shard_workers) < 1:
+    if min(args.seconds, args.db_seconds, args.workers, args.shard_workers, args.shard_threads) < 1:
         parser.error("--seconds, --db-seconds and the workers must be at least 1")
     if not all(k == int(k) and 1 <= k <= 64 for k in args.stock_shards):
         parser.error("--stock-shards must be whole numbers from 1 to 64")
