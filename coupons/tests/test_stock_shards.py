@@ -147,38 +147,61 @@ def test_a_claim_waits_for_a_shard_when_every_shard_with_stock_is_busy() -> None
     assert claimants(coupon) == ["u"]
 
 
-def test_a_claim_waiting_for_a_shard_sees_the_window_an_operator_closed_meanwhile() -> None:
-    coupon = services.create_coupon(name="PROMO", amount=10, stock_shards=2)
-    services.claim_coupon(coupon_name="PROMO", user_id="early")  # Its route is remembered.
+def claim_while_an_operator_sets_the_window(
+    coupon: Coupon, ends_at: datetime.datetime | None
+) -> object:
+    """Claim the coupon (as "late") while an operator's change of its sale window, to end at
+    `ends_at`, holds every shard; let the change commit, and return the claim's outcome."""
     changed, commit = threading.Event(), threading.Event()
 
     def operator() -> None:
         try:
             with transaction.atomic():
-                services.change_sale_window(
-                    coupon_id=coupon.pk,
-                    starts_at=None,
-                    ends_at=timezone.now() - datetime.timedelta(seconds=1),
-                )
+                services.change_sale_window(coupon_id=coupon.pk, starts_at=None, ends_at=ends_at)
                 changed.set()
                 commit.wait(10)
         finally:
             connection.close()
 
-    closing = threading.Thread(target=operator)
-    closing.start()
+    changing = threading.Thread(target=operator)
+    changing.start()
     assert changed.wait(10)
     thread, outcome = claim_in_a_thread("late")
     # Every shard is the operator's: the claim waits for one, having read the window as it
     # stood before the change committed.
     assert a_claim_waits_for_a_lock("FOR NO KEY UPDATE OF")
     commit.set()
-    closing.join(10)
+    changing.join(10)
     thread.join(10)
+    return outcome[0]
 
-    assert isinstance(outcome[0], SaleEnded), outcome
+
+def test_a_claim_waiting_for_a_shard_sees_the_window_an_operator_closed_meanwhile() -> None:
+    coupon = services.create_coupon(name="PROMO", amount=10, stock_shards=2)
+    services.claim_coupon(coupon_name="PROMO", user_id="early")  # Its route is remembered.
+
+    outcome = claim_while_an_operator_sets_the_window(
+        coupon, ends_at=timezone.now() - datetime.timedelta(seconds=1)
+    )
+
+    assert isinstance(outcome, SaleEnded), outcome
     assert claimants(coupon) == ["early"]
     assert stock_left(coupon) == 9
+
+
+def test_a_claim_waiting_for_a_shard_sees_the_window_an_operator_reopened_meanwhile() -> None:
+    coupon = services.create_coupon(name="PROMO", amount=10, stock_shards=2)
+    services.claim_coupon(coupon_name="PROMO", user_id="early")  # Its route is remembered.
+    # Closed by another process, behind this one's back: the route stays remembered.
+    Coupon.objects.filter(pk=coupon.pk).update(
+        ends_at=timezone.now() - datetime.timedelta(seconds=1), updated_at=timezone.now()
+    )
+
+    outcome = claim_while_an_operator_sets_the_window(coupon, ends_at=None)
+
+    assert not isinstance(outcome, Exception), outcome
+    assert claimants(coupon) == ["early", "late"]
+    assert stock_left(coupon) == 8
 
 
 def test_concurrent_claims_on_sharded_stock_never_exceed_it() -> None:
@@ -294,36 +317,3 @@ def test_a_timed_sale_sold_out_on_its_shards_still_tells_its_holders_they_hold_i
 
     with pytest.raises(AlreadyClaimed):
         services.claim_coupon(coupon_name="PROMO", user_id="a")
-
-
-def test_a_claim_waiting_for_a_shard_sees_the_window_an_operator_reopened_meanwhile() -> None:
-    coupon = services.create_coupon(name="PROMO", amount=10, stock_shards=2)
-    services.claim_coupon(coupon_name="PROMO", user_id="early")  # Its route is remembered.
-    # Closed by another process, behind this one's back: the route stays remembered.
-    Coupon.objects.filter(pk=coupon.pk).update(
-        ends_at=timezone.now() - datetime.timedelta(seconds=1), updated_at=timezone.now()
-    )
-    changed, commit = threading.Event(), threading.Event()
-
-    def operator() -> None:
-        try:
-            with transaction.atomic():
-                services.change_sale_window(coupon_id=coupon.pk, starts_at=None, ends_at=None)
-                changed.set()
-                commit.wait(10)
-        finally:
-            connection.close()
-
-    reopening = threading.Thread(target=operator)
-    reopening.start()
-    assert changed.wait(10)
-    thread, outcome = claim_in_a_thread("late")
-    # The claim waits for a shard, having read the window as it stood before the reopening.
-    assert a_claim_waits_for_a_lock("FOR NO KEY UPDATE OF")
-    commit.set()
-    reopening.join(10)
-    thread.join(10)
-
-    assert not isinstance(outcome[0], Exception), outcome
-    assert claimants(coupon) == ["early", "late"]
-    assert stock_left(coupon) == 8
