@@ -76,8 +76,9 @@ class NameField(models.CharField[str, str]):
         )
 
 
-# The stock left of coupons read with CouponQuerySet.with_stock(), to filter and order on: one
-# of the two is always 0, as the stock is on the row or in the shards (Coupon.stock_left).
+# The stock left of coupons read with CouponQuerySet.with_stock(), to filter and order on
+# (Coupon.stock_left is the same sum): one of the two is always 0, as the stock is on the
+# row or in the shards.
 STOCK_LEFT = F("remaining_amount") + F("shard_stock")
 
 
@@ -194,16 +195,17 @@ class Coupon(models.Model):
 
     @property
     def stock_left(self) -> int:
-        """The stock left to claim, the API's `remaining_amount`: the row's counter with one
-        stock shard, else the sum of the shards, read with the row (with_stock())."""
-        if self.stock_shards == 1:
-            return self.remaining_amount
-        try:
-            return self.shard_stock
-        except AttributeError:
-            raise AttributeError(
-                "A coupon with stock shards must be read with Coupon.objects.with_stock()."
-            ) from None
+        """The stock left to claim, the API's `remaining_amount`: the row's counter plus the
+        shards' stock read with the row (with_stock()), as STOCK_LEFT. A coupon of one stock
+        row read without it has nothing in shards."""
+        shard_stock = vars(self).get("shard_stock")
+        if shard_stock is None:
+            if self.stock_shards > 1:
+                raise AttributeError(
+                    "A coupon with stock shards must be read with Coupon.objects.with_stock()."
+                )
+            shard_stock = 0
+        return self.remaining_amount + shard_stock
 
     @property
     def claimed_count(self) -> int:
