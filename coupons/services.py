@@ -50,15 +50,16 @@ def create_coupon(
     """
     try:
         with transaction.atomic():
-            coupon = Coupon.objects.create(
+            coupon = Coupon(
                 name=name,
                 amount=amount,
-                remaining_amount=amount if stock_shards == 1 else 0,
                 stock_shards=stock_shards,
                 starts_at=starts_at,
                 ends_at=ends_at,
             )
-            _put_in_shards(coupon, amount)
+            shards = _place_stock(coupon, amount)
+            coupon.save(force_insert=True)
+            StockShard.objects.bulk_create(shards)
             # A coupon of this name deleted earlier may still be remembered sold out.
             transaction.on_commit(lambda: forget_coupon(name))
     except IntegrityError:
@@ -79,11 +80,9 @@ def create_coupons(coupons: Sequence[Mapping[str, Any]]) -> tuple[list[str], lis
     with transaction.atomic():
         taken = set(Coupon.objects.filter(name__in=names).values_list("name", flat=True))
         new = [Coupon(**coupon) for coupon in coupons if coupon["name"] not in taken]
-        for coupon in new:
-            coupon.remaining_amount = coupon.amount if coupon.stock_shards == 1 else 0
+        shards = [shard for coupon in new for shard in _place_stock(coupon, coupon.amount)]
         Coupon.objects.bulk_create(new)
-        shards = [_shards_of(coupon, coupon.amount) for coupon in new]
-        StockShard.objects.bulk_create(shard for of_one in shards for shard in of_one)
+        StockShard.objects.bulk_create(shards)
         created = [coupon.name for coupon in new]
         # Coupons of these names deleted earlier may still be remembered sold out.
         for name in created:
@@ -102,21 +101,18 @@ def delete_coupon(*, coupon_id: int) -> None:
         transaction.on_commit(lambda: forget_coupon(coupon.name))
 
 
-def _shards_of(coupon: Coupon, stock: int) -> list[StockShard]:
-    """The StockShard rows to hold a coupon's stock: none with one shard (the row holds it)."""
+def _place_stock(coupon: Coupon, stock: int) -> list[StockShard]:
+    """Put `stock` on the coupon's row if it has one stock shard; else leave the row none and
+    return the StockShard rows that hold it, to create once the row is saved."""
     if coupon.stock_shards == 1:
+        coupon.remaining_amount, coupon.shard_stock = stock, 0
         return []
+    coupon.remaining_amount, coupon.shard_stock = 0, stock
     parts = split_stock(stock, coupon.stock_shards)
     return [
         StockShard(coupon=coupon, number=number, remaining_amount=part)
         for number, part in enumerate(parts)
     ]
-
-
-def _put_in_shards(coupon: Coupon, stock: int) -> None:
-    """Create the shards of a coupon whose row was just written with no stock of theirs."""
-    StockShard.objects.bulk_create(_shards_of(coupon, stock))
-    coupon.shard_stock = stock if coupon.stock_shards > 1 else 0
 
 
 def _lock_stock(coupon_id: int) -> Coupon:
@@ -143,8 +139,7 @@ def _restock(coupon: Coupon, *, stock: int) -> None:
     _lock_stock. The shards are made anew: a claim waiting for an old one finds it gone
     and claims again (services.claim_coupon)."""
     StockShard.objects.filter(coupon=coupon).delete()
-    coupon.remaining_amount = stock if coupon.stock_shards == 1 else 0
-    _put_in_shards(coupon, stock)
+    StockShard.objects.bulk_create(_place_stock(coupon, stock))
     coupon.save(update_fields=["amount", "remaining_amount", "stock_shards", "updated_at"])
 
 
