@@ -550,7 +550,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=shards_db.CLIENTS, help="pgbench clients")
     args = parser.parse_args(argv)
     if min(args.seconds, args.db_seconds, args.workers, args.shard_workers, args.shard_threads) < 1:
-        parser.error("--seconds, --db-seconds and the workers must be at least 1")
+        parser.error("--seconds, --db-seconds, the workers and the threads must be at least 1")
     if not all(k == int(k) and 1 <= k <= 64 for k in args.stock_shards):
         parser.error("--stock-shards must be whole numbers from 1 to 64")
     return args
